@@ -1,0 +1,64 @@
+"""Conversion of transformers LLaVA checkpoints and jaxflow's own checkpoint format."""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes  # noqa: F401
+import numpy as np
+
+from jaxflow.convert.checkpoint import (DTYPES, CheckpointError, abstract_params, load, load_tokenizer,
+                                        save_model, write_checkpoint)
+from jaxflow.convert.hf import ConversionError, canonical_key, convert_params
+from jaxflow.models.config import ConfigError, from_hf_dict
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def convert_checkpoint(hf_dir: str, out: str, dtype: str = "float32", *, overwrite: bool = False,
+                       progress: bool = True) -> str:
+    """Converts a transformers-format LLaVA directory (config.json + *.safetensors) to a jaxflow
+    checkpoint at `out`. Fails with ConversionError, writing nothing at `out`, on any problem."""
+    if dtype not in _NP_DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"--hf_dir {hf_dir} is not a directory")
+    cfg_file = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(cfg_file):
+        raise ConversionError(f"no config.json in {hf_dir}")
+    try:
+        with open(cfg_file) as f:
+            cfg_dict = json.load(f)
+        cfg = from_hf_dict(cfg_dict)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{cfg_file} is not valid JSON: {e}") from e
+    except ConfigError as e:
+        raise ConversionError(str(e)) from e
+    if os.path.exists(out) and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    _, _, target = abstract_params(cfg, DTYPES[dtype])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(1 for _ in _leaves(target)), desc="converting", unit="tensor")
+    try:
+        params = convert_params(hf_dir, cfg, target, _NP_DTYPES[dtype],
+                                progress=(lambda _: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return write_checkpoint(out, cfg_dict, params, dtype, source=os.path.abspath(hf_dir), sidecar_dir=hf_dir,
+                            overwrite=overwrite)
+
+
+def _leaves(tree):
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+__all__ = ["convert_checkpoint", "load", "load_tokenizer", "save_model", "canonical_key", "ConversionError",
+           "CheckpointError"]

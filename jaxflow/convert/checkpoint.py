@@ -1,0 +1,161 @@
+"""jaxflow checkpoints: an orbax parameter tree plus the transformers config and tokenizer files.
+
+Layout of `checkpoints/NAME/`:
+    config.json                 the transformers LLaVA config (the model is rebuilt from it)
+    jaxflow.json                format marker, written last: a directory without it is not a checkpoint
+    params/                     orbax StandardCheckpointer tree, same structure as the Llava module's Params
+    tokenizer*, special_tokens_map.json, preprocessor_config.json, ...   copied from the source
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxflow.models.config import ConfigError, LlavaConfig, load_config
+from jaxflow.models.llava import Llava
+
+FORMAT = "jaxflow-llava"
+FORMAT_VERSION = 1
+MARKER = "jaxflow.json"
+SIDECAR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json", "processor_config.json",
+    "chat_template.json", "chat_template.jinja", "generation_config.json",
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class CheckpointError(ValueError):
+    """A path that is not a readable jaxflow checkpoint."""
+
+
+def abstract_params(cfg: LlavaConfig, dtype) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """(graphdef, abstract state, pure dict of ShapeDtypeStruct) of a Llava, allocating nothing."""
+    abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, state, state.to_pure_dict()
+
+
+def model_params(model: Llava) -> dict:
+    """The model's parameters as a pure nested dict of arrays (the checkpoint tree)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _write_tree(path: str, tree: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), tree)
+        ckptr.wait_until_finished()
+
+
+def write_checkpoint(out: str, cfg_dict: dict, params: dict, dtype_name: str, *, source: str = "",
+                     sidecar_dir: str | None = None, overwrite: bool = False, extra_files: dict | None = None) -> str:
+    """Writes a checkpoint atomically at `out`. `params` is the pure dict tree (numpy or jax arrays)."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg_dict, f, indent=2)
+        if sidecar_dir:
+            for name in SIDECAR_FILES:
+                src = os.path.join(sidecar_dir, name)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, name))
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        _write_tree(os.path.join(tmp, "params"), params)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name, "source": source,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.rename(out, os.path.join(old, "x"))
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_model(model: Llava, out: str, *, overwrite: bool = False, sidecar_dir: str | None = None,
+               extra_files: dict | None = None) -> str:
+    """Saves an in-memory model (e.g. a trained or random one) as a jaxflow checkpoint."""
+    params = jax.tree.map(np.asarray, model_params(model))
+    dtype_name = str(np.dtype(model.dtype))
+    return write_checkpoint(out, model.config.to_hf_dict(), params, dtype_name, source="jaxflow",
+                            sidecar_dir=sidecar_dir, overwrite=overwrite, extra_files=extra_files)
+
+
+def read_marker(path: str) -> dict:
+    marker = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path} (convert one with scripts/convert_checkpoint.py)")
+    if not os.path.exists(marker):
+        raise CheckpointError(f"{path} is not a complete jaxflow checkpoint (no {MARKER}); "
+                              "re-run scripts/convert_checkpoint.py")
+    try:
+        with open(marker) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{marker} is corrupt: {e}") from e
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format {meta.get('format')} v{meta.get('version')}; "
+                              f"this jaxflow reads {FORMAT} v{FORMAT_VERSION}")
+    return meta
+
+
+def load(path: str, dtype: str | None = None) -> Llava:
+    """Restores a model written by scripts/convert_checkpoint.py (or `save_model`).
+
+    dtype: None keeps the stored dtype; "float32"/"bfloat16"/"float16" casts after loading.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    meta = read_marker(path)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    stored = DTYPES.get(meta.get("dtype", "float32"), jnp.float32)
+    graphdef, state, target = abstract_params(cfg, stored)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.join(path, "params"), target)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+        raise CheckpointError(f"cannot restore the parameters in {path}/params: {e}") from e
+    want = DTYPES[dtype] if dtype is not None else None
+    restored = jax.tree.map(lambda a: jnp.asarray(a, want) if want is not None else jnp.asarray(a), restored)
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(graphdef, state)
+    return model
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's own tokenizer (transformers AutoTokenizer from the local directory)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} holds no loadable tokenizer: {e}") from e

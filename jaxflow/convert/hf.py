@@ -1,0 +1,245 @@
+"""Hugging Face LLaVA safetensors -> jaxflow parameter tree, strict and streaming.
+
+The target structure and shapes come from the model definition itself (an abstract `Llava` built
+with `nnx.eval_shape`), so every parameter the model has must be found, every tensor in the files
+must be used, and every shape is checked against what the model expects. Tensors are read one at a
+time (numpy, bf16 through ml_dtypes, no torch) into preallocated stacked arrays of the output dtype,
+so peak host memory is about the output weights plus one tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can read bf16)
+import numpy as np
+
+from jaxflow.models.config import LlavaConfig
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted; the message says why."""
+
+
+# --------------------------------------------------------------------------- key layouts
+
+
+def canonical_key(key: str) -> str:
+    """Maps every LLaVA key layout transformers has written to one canonical form:
+    `vision_tower.<clip>`, `multi_modal_projector.*`, `language_model.<llama model>`, `lm_head.weight`.
+
+    Handled: v5 in-memory `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*`;
+    v4 files `language_model.model.*` and `language_model.lm_head.weight`; `vision_tower.vision_model.*`.
+    """
+    k = key
+    for head in ("language_model.", "vision_tower.", "multi_modal_projector."):
+        if k.startswith("model." + head):
+            k = k[len("model."):]
+    if k == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    if k.startswith("language_model.model."):
+        k = "language_model." + k[len("language_model.model."):]
+    if k.startswith("vision_tower.vision_model."):
+        k = "vision_tower." + k[len("vision_tower.vision_model."):]
+    return k
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one parameter comes from: HF keys (one per layer when stacked) and a transform."""
+    keys: tuple[str, ...]
+    transform: Callable[[np.ndarray], np.ndarray]
+    stacked: bool
+
+
+_ident = lambda a: a  # noqa: E731
+_transpose = lambda a: a.T  # noqa: E731
+
+
+def _param_source(path: tuple[str, ...], cfg: LlavaConfig) -> Source:
+    """HF source of the parameter at `path` in the jaxflow tree (e.g. ('language_model','layers','mlp',...))."""
+    top = path[0]
+    leaf = path[-1]
+    if top == "language_model" and path[1] == "lm_head":
+        return Source(("lm_head.weight",), _transpose, False)
+    if top == "vision_tower" and path[1] == "patch_embedding":
+        d = cfg.vision.hidden_size
+        return Source(("vision_tower.embeddings.patch_embedding.weight",), lambda a: a.reshape(d, -1).T, False)
+    if top == "vision_tower" and path[1] in ("class_embedding", "position_embedding"):
+        suffix = "" if path[1] == "class_embedding" else ".weight"
+        return Source((f"vision_tower.embeddings.{path[1]}{suffix}",), _ident, False)
+    if top == "language_model" and path[1] == "embed_tokens":
+        return Source(("language_model.embed_tokens.weight",), _ident, False)
+    name = {"scale": "weight", "kernel": "weight", "bias": "bias"}[leaf]
+    transform = _transpose if leaf == "kernel" else _ident
+    if path[1] == "layers":
+        n = cfg.vision.num_layers if top == "vision_tower" else cfg.text.num_layers
+        prefix = "vision_tower.encoder.layers" if top == "vision_tower" else "language_model.layers"
+        mid = ".".join(path[2:-1])
+        return Source(tuple(f"{prefix}.{i}.{mid}.{name}" for i in range(n)), transform, True)
+    return Source((".".join(path[:-1]) + "." + name,), transform, False)
+
+
+def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _set(tree: dict, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+# --------------------------------------------------------------------------- safetensors index
+
+
+def index_safetensors(hf_dir: str) -> dict[str, str]:
+    """canonical key -> file, over a single model.safetensors or a sharded set with its index."""
+    from safetensors import safe_open
+
+    index_file = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        try:
+            with open(index_file) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConversionError(f"{index_file} is not a valid safetensors index: {e}") from e
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+        weight_map = None
+    if not files:
+        raise ConversionError(f"no *.safetensors files in {hf_dir} (convert .bin checkpoints with transformers' "
+                              "save_pretrained(safe_serialization=True) first)")
+    where: dict[str, str] = {}
+    for name in files:
+        path = os.path.join(hf_dir, name)
+        if not os.path.exists(path):
+            raise ConversionError(f"{path} is listed in the index but missing")
+        try:
+            with safe_open(path, framework="np") as f:
+                keys = list(f.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConversionError(f"cannot read {path}: {e} (truncated or corrupt file?)") from e
+        for k in keys:
+            ck = canonical_key(k)
+            if ck in where:
+                raise ConversionError(f"tensor {k!r} appears twice (as {ck!r}) in {hf_dir}")
+            where[ck] = path
+    if weight_map is not None:
+        missing = sorted(k for k in weight_map if canonical_key(k) not in where)
+        if missing:
+            raise ConversionError(f"the index lists {len(missing)} tensor(s) not found in their files: "
+                                  f"{', '.join(missing[:8])}")
+    return where
+
+
+class _Reader:
+    """Opens each safetensors file once and reads tensors on demand."""
+
+    def __init__(self):
+        self._open = {}
+
+    def get(self, path: str, key_lookup: dict[str, str], canon: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        if path not in self._open:
+            self._open[path] = safe_open(path, framework="np")
+        f = self._open[path]
+        raw = key_lookup[canon]
+        try:
+            return f.get_tensor(raw)
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"cannot read tensor {raw!r} from {path}: {e} (truncated or corrupt file?)") from e
+
+    def close(self):
+        self._open.clear()
+
+
+def convert_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=None) -> dict:
+    """Reads the HF tensors into a nested dict shaped like `abstract` (a pure dict of ShapeDtypeStruct).
+
+    Raises ConversionError listing missing keys, unused keys or shape mismatches (all found before
+    any large allocation).
+    """
+    from safetensors import safe_open
+
+    where = index_safetensors(hf_dir)
+    raw_names: dict[str, str] = {}
+    for path in sorted(set(where.values())):
+        with safe_open(path, framework="np") as f:
+            for k in f.keys():
+                raw_names[canonical_key(k)] = k
+    plan = []
+    needed: set[str] = set()
+    for path, spec in _flatten(abstract):
+        src = _param_source(path, cfg)
+        plan.append((path, spec, src))
+        needed.update(src.keys)
+    missing = sorted(needed - where.keys())
+    unused = sorted(set(where) - needed)
+    if cfg.tie_word_embeddings and "lm_head.weight" in unused:
+        unused.remove("lm_head.weight")  # tied: transformers ignores a stored lm_head too
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:10])}"
+                        + (" ..." if len(missing) > 10 else ""))
+    if unused:
+        problems.append(f"{len(unused)} unused tensor(s): {', '.join(unused[:10])}"
+                        + (" ..." if len(unused) > 10 else ""))
+    if problems:
+        raise ConversionError(f"{hf_dir} does not match the LLaVA model its config.json describes: "
+                              + "; ".join(problems))
+    # shape check from the headers alone, before reading any data
+    shapes = {}
+    for path in sorted(set(where.values())):
+        with safe_open(path, framework="np") as f:
+            for k in f.keys():
+                try:
+                    shapes[canonical_key(k)] = tuple(f.get_slice(k).get_shape())
+                except Exception as e:  # noqa: BLE001
+                    raise ConversionError(f"cannot read the header of {k!r} in {path}: {e}") from e
+    bad = []
+    for path, spec, src in plan:
+        per = spec.shape[1:] if src.stacked else spec.shape
+        for key in src.keys:
+            try:
+                got = src.transform(np.empty(shapes[key], np.uint8)).shape
+            except ValueError:
+                got = None
+            if got is None or tuple(got) != tuple(per):
+                bad.append(f"{key}: file {shapes[key]} but the config implies {_untransform_shape(src, per)}")
+                break
+    if bad:
+        raise ConversionError(f"{len(bad)} tensor(s) with the wrong shape: " + "; ".join(bad[:6]))
+
+    reader = _Reader()
+    out: dict = {}
+    try:
+        for path, spec, src in plan:
+            arr = np.empty(spec.shape, dtype)
+            for i, key in enumerate(src.keys):
+                t = src.transform(reader.get(where[key], raw_names, key))
+                if src.stacked:
+                    arr[i] = t.astype(dtype, copy=False)
+                else:
+                    arr[...] = t.astype(dtype, copy=False)
+            _set(out, path, arr)
+            if progress is not None:
+                progress(".".join(path))
+    finally:
+        reader.close()
+    return out
+
+
+def _untransform_shape(src: Source, shape):
+    probe = np.empty(shape, np.uint8)
+    if src.transform is _transpose:
+        return tuple(probe.T.shape)
+    return tuple(shape)

@@ -1,0 +1,153 @@
+"""The forward pass: `jaxflow.forward` and the pure, jit-compiled functions behind it."""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxflow.models.layers import ATTN_IMPLS, rope_cos_sin, rope_inv_freq
+from jaxflow.models.llava import Llava
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    logits: jax.Array  # (B, T, V) float32
+    hidden: jax.Array  # (B, T, D) last layer output, before the final norm
+    captures: dict  # per-layer intermediates asked for with `capture`, each (L, B, ...)
+    attn_rows: jax.Array | None  # (L, B, H, Q, T) float32, when attn_rows was given
+
+
+jax.tree_util.register_dataclass(ForwardOutput, data_fields=["logits", "hidden", "captures", "attn_rows"],
+                                 meta_fields=[])
+
+
+# --------------------------------------------------------------------------- masks and positions
+
+
+def position_ids(attention_mask):
+    """(B, T) 0/1 -> (B, T) int32 positions counting real tokens only (0 at padding), as transformers'
+    generate computes them, so left and right padding give every real token its unpadded position."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def causal_allowed(key_valid, q_slots, num_keys: int):
+    """key_valid (B, S) bool, q_slots (B, Q) int -> allowed (B, Q, S): key s is real and s <= slot."""
+    s = jnp.arange(num_keys)
+    return key_valid[:, None, :] & (s[None, None, :] <= q_slots[:, :, None])
+
+
+def rope_tables(model: Llava, positions, dtype):
+    """positions (B, T) -> cos, sin (B, T, hd)."""
+    inv = rope_inv_freq(model.config.text, jnp.max(positions) + 1)
+    return rope_cos_sin(positions, inv, dtype)
+
+
+# --------------------------------------------------------------------------- host-side validation
+
+
+def _as_int_array(name, x, ndim=2):
+    a = np.asarray(x)
+    if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be a {ndim}-D integer array, got shape {a.shape} dtype {a.dtype}")
+    return a
+
+
+def validate_inputs(model: Llava, input_ids, pixel_values, attention_mask=None, truncate_at=None):
+    """Checks shapes and image-token counts; returns numpy (input_ids, attention_mask) int32."""
+    cfg = model.config
+    ids = _as_int_array("input_ids", input_ids)
+    if attention_mask is None:
+        mask = np.ones_like(ids, dtype=np.int32)
+    else:
+        mask = _as_int_array("attention_mask", np.asarray(attention_mask).astype(np.int32))
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if not mask.any(axis=1).all():
+        raise ValueError("a row of attention_mask has no real token")
+    if ids.min() < 0 or ids.max() >= cfg.text.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); got range [{ids.min()}, {ids.max()}]")
+    n_img_tokens = int(((ids == cfg.image_token_id) & (mask > 0)).sum())
+    if pixel_values is not None:
+        pv = np.shape(pixel_values)
+        v = cfg.vision
+        want = (v.num_channels, v.image_size, v.image_size)
+        if len(pv) != 4 or tuple(pv[1:]) != want:
+            raise ValueError(f"pixel_values must be (B, {want[0]}, {want[1]}, {want[2]}) float32, got {tuple(pv)}")
+        expected = pv[0] * cfg.num_image_tokens
+        if n_img_tokens != expected:
+            raise ValueError(f"input_ids hold {n_img_tokens} image tokens (id {cfg.image_token_id}) but "
+                             f"{pv[0]} image(s) give {expected} features ({cfg.num_image_tokens} each): expand "
+                             "each <image> to that many tokens (jaxflow.data.prompts.encode_batch does)")
+    if truncate_at is not None:
+        L = cfg.text.num_layers
+        if not (isinstance(truncate_at, (int, np.integer)) and 0 <= int(truncate_at) <= L):
+            raise ValueError(f"truncate_at must be an integer in 0..{L} (layers >= K lose image keys; "
+                             f"{L} = untruncated), got {truncate_at!r}")
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def _check_impl(attn_impl):
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+
+
+# --------------------------------------------------------------------------- pure jitted core
+
+
+def forward_core(model: Llava, input_ids, pixel_values, attention_mask, *, impl="fused", truncate_at=None,
+                 mlp_in_delta=None, attn_rows=None, attn_row_delta=None, capture=(), input_embeds=None):
+    """Pure forward. input_ids/attention_mask (B, T) int32; pixel_values (B_img, C, H, W) or None.
+
+    `input_embeds` (B, T, D), when given, replaces the embedding step (used to differentiate with
+    respect to the embedded sequence). Returns ForwardOutput.
+    """
+    lm = model.language_model
+    x = model.embed(input_ids, pixel_values, impl) if input_embeds is None else input_embeds
+    positions = position_ids(attention_mask)
+    cos, sin = rope_tables(model, positions, x.dtype)
+    t = input_ids.shape[1]
+    allowed = causal_allowed(attention_mask > 0, jnp.broadcast_to(jnp.arange(t), input_ids.shape), t)
+    image_keys = input_ids == model.config.image_token_id
+    out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
+                        attn_rows=attn_rows, attn_row_delta=attn_row_delta, mlp_in_delta=mlp_in_delta,
+                        capture=capture)
+    return ForwardOutput(logits=lm.logits(out.hidden), hidden=out.hidden, captures=out.captures,
+                         attn_rows=out.attn_rows)
+
+
+@partial(jax.jit, static_argnames=("impl", "capture"))
+def _forward_jit(model, input_ids, pixel_values, attention_mask, truncate_at, impl, capture):
+    return forward_core(model, input_ids, pixel_values, attention_mask, impl=impl, truncate_at=truncate_at,
+                        capture=capture)
+
+
+def forward(model: Llava, input_ids, pixel_values, attention_mask=None, *, attn_impl: str = "fused",
+            truncate_at: int | None = None, capture: tuple[str, ...] = ()) -> ForwardOutput:
+    """Logits of a LLaVA model, jit-compiled.
+
+    input_ids (B, T) with the image token id at every image-feature position (576 per image for
+    LLaVA-1.5); pixel_values (B_img, 3, H, W) float32 preprocessed, or None for text only;
+    attention_mask (B, T) 1 = real token (left or right padding; positions count real tokens).
+    truncate_at=K masks every image-token key in layers >= K (the reference truncation path).
+    Returns ForwardOutput with logits (B, T, V) float32.
+    """
+    _check_impl(attn_impl)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at)
+    pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    k = None if truncate_at is None else jnp.int32(truncate_at)
+    return _forward_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), k, attn_impl, tuple(capture))
+
+
+@partial(jax.jit, static_argnames=("impl",))
+def _image_features_jit(model, pixel_values, impl):
+    return model.image_features(pixel_values, impl)
+
+
+def image_features(model: Llava, pixel_values, *, attn_impl: str = "fused"):
+    """Projected image features (B, N, D) float32 — what LLaVA scatters at the image tokens."""
+    _check_impl(attn_impl)
+    return _image_features_jit(model, jnp.asarray(pixel_values, jnp.float32), attn_impl).astype(jnp.float32)

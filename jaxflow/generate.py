@@ -1,0 +1,117 @@
+"""Greedy decoding with an explicit KV cache, jit-compiled end to end (prefill + while loop)."""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxflow.forward import _check_impl, causal_allowed, position_ids, rope_tables, validate_inputs
+from jaxflow.models.llava import Llava
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # (B, max_new_tokens) int32, pad_token_id after a row's EOS
+    lengths: np.ndarray  # (B,) generated tokens per row, EOS included
+
+
+def init_cache(model: Llava, batch: int, length: int, dtype) -> dict:
+    """Empty KV cache {"k", "v"}: (L, B, S, KVH, hd)."""
+    t = model.config.text
+    shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def left_align(input_ids, attention_mask):
+    """Moves right padding to the left (row by row, order kept): generation appends at the end."""
+    ids, mask = np.array(input_ids), np.array(attention_mask)
+    for b in range(ids.shape[0]):
+        trailing = int(np.argmax(mask[b, ::-1] > 0))
+        if trailing:
+            ids[b] = np.roll(ids[b], trailing)
+            mask[b] = np.roll(mask[b], trailing)
+    return ids, mask
+
+
+def decode_step(model: Llava, cache, tokens, positions, key_valid, write_index, *, impl, image_keys=None,
+                truncate_at=None):
+    """One cached step: tokens (B, 1) at positions (B, 1), keys valid (B, S) -> logits (B, V), cache."""
+    lm = model.language_model
+    x = lm.embed(tokens)
+    cos, sin = rope_tables(model, positions, x.dtype)
+    slots = jnp.broadcast_to(write_index, tokens.shape)
+    allowed = causal_allowed(key_valid, slots, key_valid.shape[1])
+    out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
+                        cache=cache, write_index=write_index)
+    return lm.logits(out.hidden)[:, -1], out.cache
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "impl"))
+def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_id, truncate_at, *,
+                  max_new_tokens, impl):
+    lm = model.language_model
+    b, t = input_ids.shape
+    total = t + max_new_tokens
+    x = model.embed(input_ids, pixel_values, impl)
+    positions = position_ids(attention_mask)
+    cos, sin = rope_tables(model, positions, x.dtype)
+    key_valid = jnp.concatenate([attention_mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=1)
+    allowed = causal_allowed(key_valid, jnp.broadcast_to(jnp.arange(t), (b, t)), total)
+    image_keys = jnp.concatenate([input_ids == model.config.image_token_id,
+                                  jnp.zeros((b, max_new_tokens), bool)], axis=1)
+    cache = init_cache(model, b, total, x.dtype)
+    out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
+                        cache=cache, write_index=0)
+    first = jnp.argmax(lm.logits(out.hidden[:, -1:])[:, -1], axis=-1).astype(jnp.int32)
+    next_pos = attention_mask.sum(-1).astype(jnp.int32)  # (B,) position of the first new token
+    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos_ids)
+
+    def cond(state):
+        step, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, done, cache = state
+        prev = tokens[:, step - 1]
+        logits, cache = decode_step(model, cache, prev[:, None], (next_pos + step - 1)[:, None], key_valid,
+                                    t + step - 1, impl=impl, image_keys=image_keys, truncate_at=truncate_at)
+        tok = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        tokens = tokens.at[:, step].set(tok)
+        return step + 1, tokens, done | jnp.isin(tok, eos_ids), cache
+
+    _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, done, out.cache))
+    return tokens
+
+
+def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
+             eos_token_id=None, pad_token_id: int | None = None, attn_impl: str = "fused",
+             truncate_at: int | None = None) -> GenerateOutput:
+    """Greedy decoding, batched, with a KV cache; a row stops at EOS, all stop at max_new_tokens.
+
+    input_ids/attention_mask (B, T) (right padding is moved to the left first); pixel_values
+    (B_img, 3, H, W). eos_token_id: int or list (default: the config's). truncate_at=K decodes with
+    image keys masked in layers >= K. Returns GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
+    """
+    _check_impl(attn_impl)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    cfg = model.config
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at)
+    ids, mask = left_align(ids, mask)
+    if ids.shape[1] + max_new_tokens > cfg.text.max_position_embeddings and cfg.text.rope.rope_type != "dynamic":
+        pass  # allowed, as in transformers; positions beyond the trained range are the user's choice
+    eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
+    eos = np.atleast_1d(np.asarray(eos if eos is not None and np.size(eos) else [-1], np.int32))
+    pad = pad_token_id if pad_token_id is not None else (cfg.text.pad_token_id if cfg.text.pad_token_id
+                                                         is not None else int(eos[0]) if eos[0] >= 0 else 0)
+    pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    k = None if truncate_at is None else jnp.int32(truncate_at)
+    tokens = np.asarray(_generate_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), jnp.asarray(eos),
+                                      jnp.int32(pad), k, max_new_tokens=int(max_new_tokens), impl=attn_impl))
+    is_eos = np.isin(tokens, eos)
+    lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, max_new_tokens).astype(np.int32)
+    return GenerateOutput(tokens=tokens, lengths=lengths)

@@ -1,0 +1,173 @@
+"""Llama decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention; layers stacked and scanned.
+
+`LlamaModel.run_layers` is the one place the decoder stack runs. Everything an analysis needs is
+an explicit argument, so `jax.grad`, `jax.vmap` and `jax.jit` compose over it:
+- `truncate_at` (scalar, may be traced): layers l >= K see no image-token key;
+- `mlp_in_delta` (L, B, T, D): added to each layer's MLP input (post-attention RMSNorm output);
+- `attn_rows` (B, Q) + optional `attn_row_delta` (L, B, H, Q, S): reference-path probabilities for a
+  few query rows (and an additive delta on them whose gradient is dS/dA);
+- `capture`: which per-layer intermediates to return ("residual", "mlp_in", "kv").
+A KV cache (L, B, S, KVH, hd) is carried through the scan and updated in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflow.models.config import TextConfig
+from jaxflow.models.layers import Linear, RMSNorm, apply_rope, attend, attention_probs, normal_init, repeat_kv
+
+CAPTURES = ("residual", "mlp_in", "kv")
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype):
+        d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, h * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
+        self.k_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
+        self.v_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
+        self.o_proj = Linear(h * hd, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
+
+    def qkv(self, x, cos, sin):
+        """x (B, T, D) -> q (B, T, H, hd), k, v (B, T, KVH, hd); RoPE applied to q and k."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype)
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, rngs=rngs, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(cfg, rngs=rngs, dtype=dtype)
+
+
+@dataclasses.dataclass
+class LayerStackOutput:
+    hidden: jax.Array  # (B, T, D) output of the last layer, before the final norm
+    captures: dict  # name -> (L, ...) per-layer arrays
+    attn_rows: jax.Array | None  # (L, B, H, Q, S) float32 probabilities of the requested rows
+    cache: dict | None  # {"k", "v"}: (L, B, S, KVH, hd)
+
+
+jax.tree_util.register_dataclass(LayerStackOutput, data_fields=["hidden", "captures", "attn_rows", "cache"],
+                                 meta_fields=[])
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return LlamaLayer(cfg, rngs=rngs, dtype=dtype)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if tie_word_embeddings else nnx.Param(
+            normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype))
+
+    def embed(self, input_ids):  # (B, T) -> (B, T, D)
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0)
+
+    def logits(self, h):  # (B, T, D) -> (B, T, V) float32, final norm included
+        h = self.norm(h)
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return (h @ w).astype(jnp.float32)
+
+    def run_layers(self, x, cos, sin, allowed, *, impl: str = "fused", image_keys=None, truncate_at=None,
+                   cache=None, write_index=None, attn_rows=None, attn_row_delta=None, mlp_in_delta=None,
+                   capture=(), layers=None) -> LayerStackOutput:
+        """Runs the decoder layers.
+
+        x (B, T, D) input embeddings; cos/sin (B, T, hd); allowed (B, T, S) bool: query t may see key
+        slot s (causality and padding; S = T without a cache, the cache length with one).
+        image_keys (B, S) bool marks image-token keys, used with truncate_at (scalar int: layers
+        l >= truncate_at mask them). cache {"k","v"}: (L, B, S, KVH, hd), the new keys are written at
+        slot `write_index` (scalar) onward. `layers` (start, stop) runs only that slice of the stack.
+        """
+        unknown = set(capture) - set(CAPTURES)
+        if unknown:
+            raise ValueError(f"unknown capture {sorted(unknown)}; choose from {CAPTURES}")
+        cfg = self.cfg
+        start, stop = (0, cfg.num_layers) if layers is None else layers
+        graphdef, state = nnx.split(self.layers)
+        if (start, stop) != (0, cfg.num_layers):
+            state = jax.tree.map(lambda a: a[start:stop], state)
+        scale = cfg.head_dim ** -0.5
+        n_rep = cfg.num_heads // cfg.num_kv_heads
+        xs = {"layer": state, "index": jnp.arange(start, stop)}
+        if mlp_in_delta is not None:
+            xs["mlp_in_delta"] = mlp_in_delta
+        if attn_row_delta is not None:
+            xs["attn_row_delta"] = attn_row_delta
+        truncating = image_keys is not None and truncate_at is not None
+
+        def body(carry, xs_l):
+            h, kv = carry
+            layer = nnx.merge(graphdef, xs_l["layer"])
+            l = xs_l["index"]
+            ok = allowed
+            if truncating:
+                ok = ok & ~(image_keys[:, None, :] & (l >= truncate_at))
+            hn = layer.input_layernorm(h)
+            q, k, v = layer.self_attn.qkv(hn, cos, sin)
+            k_new, v_new = k, v
+            if kv is not None:  # write this step's keys into the cache, attend over the whole cache
+                li = l - start
+                ck = jax.lax.dynamic_index_in_dim(kv["k"], li, keepdims=False)
+                cv = jax.lax.dynamic_index_in_dim(kv["v"], li, keepdims=False)
+                ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
+                cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
+                kv = {"k": jax.lax.dynamic_update_index_in_dim(kv["k"], ck, li, 0),
+                      "v": jax.lax.dynamic_update_index_in_dim(kv["v"], cv, li, 0)}
+                k, v = ck, cv
+            o = attend(q, k, v, ok, impl=impl, scale=scale)  # (B, T, H, hd)
+            ys = {}
+            if attn_rows is not None:
+                bidx = jnp.arange(q.shape[0])[:, None]
+                q_rows = q[bidx, attn_rows]  # (B, Q, H, hd)
+                ok_rows = ok[bidx, attn_rows]  # (B, Q, S)
+                probs = attention_probs(q_rows, k, ok_rows, scale)  # (B, H, Q, S)
+                ys["attn_rows"] = probs
+                if "attn_row_delta" in xs_l:
+                    p = (probs + xs_l["attn_row_delta"]).astype(v.dtype)
+                    o_rows = jnp.einsum("bhqs,bshd->bqhd", p, repeat_kv(v, n_rep))
+                    o = o.at[bidx, attn_rows].set(o_rows)
+            b, t = h.shape[:2]
+            h_mid = h + layer.self_attn.o_proj(o.reshape(b, t, -1))
+            m = layer.post_attention_layernorm(h_mid)
+            if "mlp_in_delta" in xs_l:
+                m = m + xs_l["mlp_in_delta"].astype(m.dtype)
+            h_out = h_mid + layer.mlp(m)
+            if "residual" in capture:
+                ys["residual"] = h
+            if "mlp_in" in capture:
+                ys["mlp_in"] = m
+            if "kv" in capture:
+                ys["k"], ys["v"] = k_new, v_new
+            return (h_out, kv), ys
+
+        (h, kv), ys = jax.lax.scan(body, (x, cache), xs)
+        rows = ys.pop("attn_rows", None)
+        return LayerStackOutput(hidden=h, captures=ys, attn_rows=rows, cache=kv)

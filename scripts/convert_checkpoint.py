@@ -1,0 +1,31 @@
+"""Convert a transformers-format LLaVA checkpoint to a jaxflow checkpoint.
+
+    python scripts/convert_checkpoint.py --hf_dir path/to/llava-1.5-7b-hf --out checkpoints/llava-1.5-7b \
+        [--dtype float32|bfloat16] [--overwrite]
+"""
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("hf_dir", None, "transformers LLaVA directory: config.json + *.safetensors (sharded or not)")
+flags.DEFINE_string("out", None, "output checkpoint directory, e.g. checkpoints/llava-1.5-7b")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of the stored weights")
+flags.DEFINE_bool("overwrite", False, "replace an existing --out")
+flags.mark_flags_as_required(["hf_dir", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from jaxflow.convert import CheckpointError, ConversionError, convert_checkpoint
+
+    try:
+        out = convert_checkpoint(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, overwrite=FLAGS.overwrite)
+    except (ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
