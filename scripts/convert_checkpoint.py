@@ -5,7 +5,7 @@
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("hf_dir", None, "transformers LLaVA directory: config.json + *.safetensors (sharded or not)")
 flags.DEFINE_string("out", None, "output checkpoint directory, e.g. checkpoints/llava-1.5-7b")
@@ -17,6 +17,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
     from jaxflow.convert import CheckpointError, ConversionError, convert_checkpoint
 
     try:

@@ -42,12 +42,12 @@ def abstract_params(cfg: LlavaConfig, dtype) -> tuple[nnx.GraphDef, nnx.State, d
     """(graphdef, abstract state, pure dict of ShapeDtypeStruct) of a Llava, allocating nothing."""
     abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(abstract)
-    return graphdef, state, state.to_pure_dict()
+    return graphdef, state, nnx.to_pure_dict(state)
 
 
 def model_params(model: Llava) -> dict:
     """The model's parameters as a pure nested dict of arrays (the checkpoint tree)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _write_tree(path: str, tree: dict) -> None:

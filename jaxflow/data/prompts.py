@@ -73,7 +73,7 @@ def encode_batch(
     image_token: str,
     image_token_id: int,
     num_image_tokens: int,
-    answers: Sequence[str] | None = None,
+    answers: Sequence[str | Sequence[int]] | None = None,
     padding_side: str = "left",
     pad_token_id: int | None = None,
 ) -> EncodedBatch:
@@ -83,6 +83,8 @@ def encode_batch(
     adds one); its single ``image_token_id`` is replaced by ``num_image_tokens`` copies,
     as the llava-hf processor does. If ``answers`` are given, each answer's ids
     (``add_special_tokens=False``, no EOS) are appended and marked in ``answer_mask``.
+    An answer may also be a list of token ids (e.g. what `generate` produced): they are used
+    as they are, since decoding and re-tokenising text need not give the same ids back.
     Rows are padded to the longest on ``padding_side`` with ``pad_token_id`` (else the
     tokenizer's pad id, else its EOS id, else 0).
     """
@@ -117,7 +119,10 @@ def encode_batch(
         ids = ids[:k] + [image_token_id] * num_image_tokens + ids[k + 1 :]
         prompt_lengths.append(len(ids))
         if answers is not None:
-            ans = list(tokenizer(answers[i], add_special_tokens=False).input_ids)
+            if isinstance(answers[i], str):
+                ans = list(tokenizer(answers[i], add_special_tokens=False).input_ids)
+            else:
+                ans = [int(t) for t in answers[i]]
             if not ans:
                 raise ValueError(f"answer {i} ({answers[i]!r}) tokenises to no tokens")
             if image_token_id in ans:

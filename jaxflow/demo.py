@@ -1,0 +1,51 @@
+"""The demo as a library function: answer one question about one image and describe the tokens."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from jaxflow.pipeline import answer, encode, load_bundle, spans_summary, write_json
+
+
+class DemoError(ValueError):
+    """Bad demo input; the message says what to fix."""
+
+
+def model_view(pixels: np.ndarray, spec) -> Image.Image:
+    """Un-normalises one preprocessed image (3, H, W) back to RGB for display."""
+    mean, std = np.asarray(spec.image_mean)[:, None, None], np.asarray(spec.image_std)[:, None, None]
+    rgb = np.clip((pixels * std + mean) * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(rgb.transpose(1, 2, 0))
+
+
+def run_demo(checkpoint, image, question, *, out, template="vicuna_v1", max_new_tokens=16, pad_square=False):
+    """Greedy answer + S/T/U/A spans; writes summary.json and model_input.png into `out`."""
+    from jaxflow.convert import CheckpointError
+
+    if not question or not question.strip():
+        raise DemoError("--question is empty")
+    if not os.path.isfile(image):
+        raise DemoError(f"image not found: {image}")
+    try:
+        bundle = load_bundle(checkpoint, template=template)
+    except (CheckpointError, ValueError) as e:
+        raise DemoError(str(e)) from e
+    try:
+        ans = answer(bundle, [image], [question], max_new_tokens=max_new_tokens, pad_square=pad_square)
+    except (OSError, ValueError) as e:
+        raise DemoError(str(e)) from e
+    text, ids = ans.texts[0], ans.token_ids[0]
+    batch, pixels = encode(bundle, [image], [question], [ids] if ids else None, pad_square=pad_square)
+    spans = spans_summary(batch, bundle.config.image_token_id)
+    os.makedirs(out, exist_ok=True)
+    model_view(pixels[0], bundle.image_spec).save(os.path.join(out, "model_input.png"))
+    result = {
+        "model": bundle.name, "image": os.path.abspath(image), "question": question, "template": template,
+        "answer": text, "answer_ids": ids, "input_ids": batch.input_ids[0].tolist(), "spans": spans,
+        "num_image_tokens": bundle.config.num_image_tokens, "grid": list(bundle.config.grid_hw),
+        "out": os.path.abspath(out),
+    }
+    write_json(os.path.join(out, "summary.json"), result)
+    return result

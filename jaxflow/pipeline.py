@@ -1,0 +1,109 @@
+"""From files to model inputs and answers: what the scripts do, as library functions."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from jaxflow.data.image import ImageSpec, load_image, preprocess_images
+from jaxflow.data.prompts import EncodedBatch, encode_batch, format_prompt, token_spans
+from jaxflow.models.llava import Llava
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A model with what it needs to read images and text."""
+    model: Llava
+    tokenizer: object
+    image_spec: ImageSpec
+    name: str
+    template: str = "vicuna_v1"
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def load_bundle(checkpoint: str | None = None, *, template: str | None = None, dtype: str | None = None) -> Bundle:
+    """A converted checkpoint (model, its tokenizer, its image processor settings), or with
+    checkpoint=None the embedded tiny random model."""
+    if checkpoint is None:
+        from jaxflow import tiny
+
+        cfg = tiny.tiny_config()
+        return Bundle(tiny.tiny_model(), tiny.tiny_tokenizer(), ImageSpec.for_size(cfg.vision.image_size),
+                      name="tiny-random", template=template or "vicuna_v1")
+    from jaxflow.convert import load, load_tokenizer
+
+    model = load(checkpoint, dtype=dtype)
+    has_spec = any(os.path.exists(os.path.join(checkpoint, f))
+                   for f in ("preprocessor_config.json", "processor_config.json"))
+    spec = ImageSpec.from_pretrained_dir(checkpoint) if has_spec else ImageSpec.for_size(
+        model.config.vision.image_size)
+    if spec.output_hw != (model.config.vision.image_size,) * 2:
+        raise ValueError(f"{checkpoint}: the image processor crops to {spec.output_hw} but the vision tower "
+                         f"expects {model.config.vision.image_size} px")
+    return Bundle(model, load_tokenizer(checkpoint), spec, name=os.path.basename(os.path.normpath(checkpoint)),
+                  template=template or "vicuna_v1")
+
+
+def encode(bundle: Bundle, images, questions: list[str], answers: list | None = None, *,
+           pad_square: bool = False, padding_side: str = "left") -> tuple[EncodedBatch, np.ndarray]:
+    """Images (paths or PIL images) and questions (and optional answers: strings or token-id lists)
+    -> (EncodedBatch, pixel_values (B, 3, H, W))."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    pil = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+    pixels = preprocess_images(pil, bundle.image_spec, pad_square=pad_square)
+    prompts = [format_prompt(q, bundle.template, IMAGE_TOKEN) for q in questions]
+    batch = encode_batch(bundle.tokenizer, prompts, image_token=IMAGE_TOKEN,
+                         image_token_id=bundle.config.image_token_id,
+                         num_image_tokens=bundle.config.num_image_tokens, answers=answers,
+                         padding_side=padding_side)
+    return batch, pixels
+
+
+def decode_answers(tokenizer, tokens: np.ndarray, lengths: np.ndarray, eos_ids=()) -> list[str]:
+    """Generated ids (B, N) with per-row lengths -> strings, EOS dropped."""
+    out = []
+    for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
+        ids = [int(t) for t in row[:n] if int(t) not in set(eos_ids)]
+        out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+@dataclasses.dataclass
+class Answers:
+    texts: list[str]  # decoded, EOS and special tokens dropped
+    token_ids: list[list[int]]  # generated ids per row, EOS dropped: the answer to teacher-force
+
+
+def answer(bundle: Bundle, images, questions: list[str], *, max_new_tokens: int = 32, pad_square: bool = False,
+           truncate_at: int | None = None) -> Answers:
+    """Greedy answers, one per (image, question)."""
+    from jaxflow.generate import generate
+
+    batch, pixels = encode(bundle, images, questions, pad_square=pad_square)
+    gen = generate(bundle.model, batch.input_ids, pixels, batch.attention_mask, max_new_tokens=max_new_tokens,
+                   truncate_at=truncate_at)
+    eos = set(bundle.config.text.eos_token_id)
+    ids = [[int(t) for t in row[:n] if int(t) not in eos] for row, n in zip(gen.tokens, gen.lengths)]
+    return Answers(decode_answers(bundle.tokenizer, gen.tokens, gen.lengths, tuple(eos)), ids)
+
+
+def spans_summary(batch: EncodedBatch, image_token_id: int) -> list[dict]:
+    """Per row, the [start, end) of the token groups S, T, U, A, from the ids."""
+    spans = token_spans(batch.input_ids, batch.attention_mask, image_token_id, batch.answer_mask)
+    return [{g: (list(r) if r is not None else None) for g, r in row.items()} for row in spans.ranges()]
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically (a temp file renamed into place)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

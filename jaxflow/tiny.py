@@ -1,0 +1,42 @@
+"""The embedded default: a tiny, deterministic, randomly initialised LLaVA and its word-level tokenizer.
+
+Nothing is downloaded. The architecture is LLaVA-1.5's (CLIP tower, 2-layer GELU projector, Llama
+decoder with GQA) at toy sizes: a 112 px image gives an 8x8 grid of 64 image tokens.
+"""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflow.data.tiny_tokenizer import (TINY_BOS, TINY_EOS, TINY_IMAGE_TOKEN_ID, TINY_PAD, TINY_VOCAB_SIZE,
+                                         build_tiny_tokenizer)
+from jaxflow.models.config import RopeConfig, TextConfig, VisionConfig
+from jaxflow.models.config import LlavaConfig
+from jaxflow.models.llava import Llava
+
+TINY_IMAGE_SIZE = 112
+DEMO_IMAGE = os.path.join(os.path.dirname(__file__), "assets", "demo.png")
+
+
+def tiny_config() -> LlavaConfig:
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                            image_size=TINY_IMAGE_SIZE, patch_size=14),
+        text=TextConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=512,
+                        rope=RopeConfig(theta=10000.0, original_max_position_embeddings=512),
+                        bos_token_id=TINY_BOS, eos_token_id=(TINY_EOS,), pad_token_id=TINY_PAD),
+        image_token_id=TINY_IMAGE_TOKEN_ID, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_model(seed: int = 0, dtype=jnp.float32) -> Llava:
+    """The tiny random model; the same seed gives the same weights on every machine."""
+    return Llava(tiny_config(), rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
