@@ -99,11 +99,13 @@ def _check_impl(attn_impl):
 
 
 def forward_core(model: Llava, input_ids, pixel_values, attention_mask, *, impl="fused", truncate_at=None,
-                 mlp_in_delta=None, attn_rows=None, attn_row_delta=None, capture=(), input_embeds=None):
+                 keep_image_mask=None, mlp_in_delta=None, attn_rows=None, attn_row_delta=None, capture=(),
+                 input_embeds=None):
     """Pure forward. input_ids/attention_mask (B, T) int32; pixel_values (B_img, C, H, W) or None.
 
     `input_embeds` (B, T, D), when given, replaces the embedding step (used to differentiate with
-    respect to the embedded sequence). Returns ForwardOutput.
+    respect to the embedded sequence). `keep_image_mask` (B, T) bool marks image tokens that
+    truncation keeps (FastV-style partial truncation). Returns ForwardOutput.
     """
     lm = model.language_model
     x = model.embed(input_ids, pixel_values, impl) if input_embeds is None else input_embeds
@@ -112,6 +114,8 @@ def forward_core(model: Llava, input_ids, pixel_values, attention_mask, *, impl=
     t = input_ids.shape[1]
     allowed = causal_allowed(attention_mask > 0, jnp.broadcast_to(jnp.arange(t), input_ids.shape), t)
     image_keys = input_ids == model.config.image_token_id
+    if keep_image_mask is not None:
+        image_keys = image_keys & ~keep_image_mask
     out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
                         attn_rows=attn_rows, attn_row_delta=attn_row_delta, mlp_in_delta=mlp_in_delta,
                         capture=capture)
@@ -120,26 +124,38 @@ def forward_core(model: Llava, input_ids, pixel_values, attention_mask, *, impl=
 
 
 @partial(jax.jit, static_argnames=("impl", "capture"))
-def _forward_jit(model, input_ids, pixel_values, attention_mask, truncate_at, impl, capture):
+def _forward_jit(model, input_ids, pixel_values, attention_mask, truncate_at, keep_image_mask, impl, capture):
     return forward_core(model, input_ids, pixel_values, attention_mask, impl=impl, truncate_at=truncate_at,
-                        capture=capture)
+                        keep_image_mask=keep_image_mask, capture=capture)
 
 
 def forward(model: Llava, input_ids, pixel_values, attention_mask=None, *, attn_impl: str = "fused",
-            truncate_at: int | None = None, capture: tuple[str, ...] = ()) -> ForwardOutput:
+            truncate_at: int | None = None, keep_image_mask=None, capture: tuple[str, ...] = ()) -> ForwardOutput:
     """Logits of a LLaVA model, jit-compiled.
 
     input_ids (B, T) with the image token id at every image-feature position (576 per image for
     LLaVA-1.5); pixel_values (B_img, 3, H, W) float32 preprocessed, or None for text only;
     attention_mask (B, T) 1 = real token (left or right padding; positions count real tokens).
-    truncate_at=K masks every image-token key in layers >= K (the reference truncation path).
+    truncate_at=K masks every image-token key in layers >= K (the reference truncation path);
+    keep_image_mask (B, T) bool exempts those image tokens (FastV-style partial truncation).
+    capture: per-layer intermediates to return ("residual", "mlp_in", "kv").
     Returns ForwardOutput with logits (B, T, V) float32.
     """
     _check_impl(attn_impl)
     ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at)
     pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
     k = None if truncate_at is None else jnp.int32(truncate_at)
-    return _forward_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), k, attn_impl, tuple(capture))
+    keep = _keep_mask(keep_image_mask, ids.shape)
+    return _forward_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), k, keep, attn_impl, tuple(capture))
+
+
+def _keep_mask(keep_image_mask, shape):
+    if keep_image_mask is None:
+        return None
+    keep = np.asarray(keep_image_mask)
+    if keep.shape != shape or keep.dtype != bool:
+        raise ValueError(f"keep_image_mask must be a bool array of shape {shape}, got {keep.shape} {keep.dtype}")
+    return jnp.asarray(keep)
 
 
 @partial(jax.jit, static_argnames=("impl",))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.forward import _check_impl, causal_allowed, position_ids, rope_tables, validate_inputs
+from jaxflow.forward import _check_impl, _keep_mask, causal_allowed, position_ids, rope_tables, validate_inputs
 from jaxflow.models.llava import Llava
 
 
@@ -25,15 +25,17 @@ def init_cache(model: Llava, batch: int, length: int, dtype) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def left_align(input_ids, attention_mask):
-    """Moves right padding to the left (row by row, order kept): generation appends at the end."""
-    ids, mask = np.array(input_ids), np.array(attention_mask)
-    for b in range(ids.shape[0]):
+def left_align(input_ids, attention_mask, *companions):
+    """Moves right padding to the left (row by row, order kept): generation appends at the end.
+    Companion (B, T) arrays (e.g. a keep mask) move with the ids. Returns (ids, mask, *companions)."""
+    arrays = [np.array(a) for a in (input_ids, attention_mask, *companions)]
+    mask = arrays[1]
+    for b in range(mask.shape[0]):
         trailing = int(np.argmax(mask[b, ::-1] > 0))
         if trailing:
-            ids[b] = np.roll(ids[b], trailing)
-            mask[b] = np.roll(mask[b], trailing)
-    return ids, mask
+            for a in arrays:
+                a[b] = np.roll(a[b], trailing)
+    return tuple(arrays)
 
 
 def decode_step(model: Llava, cache, tokens, positions, key_valid, write_index, *, impl, image_keys=None,
@@ -50,7 +52,7 @@ def decode_step(model: Llava, cache, tokens, positions, key_valid, write_index, 
 
 
 @partial(jax.jit, static_argnames=("max_new_tokens", "impl"))
-def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_id, truncate_at, *,
+def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_id, truncate_at, keep_image_mask, *,
                   max_new_tokens, impl):
     lm = model.language_model
     b, t = input_ids.shape
@@ -60,8 +62,10 @@ def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_i
     cos, sin = rope_tables(model, positions, x.dtype)
     key_valid = jnp.concatenate([attention_mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=1)
     allowed = causal_allowed(key_valid, jnp.broadcast_to(jnp.arange(t), (b, t)), total)
-    image_keys = jnp.concatenate([input_ids == model.config.image_token_id,
-                                  jnp.zeros((b, max_new_tokens), bool)], axis=1)
+    image_keys = input_ids == model.config.image_token_id
+    if keep_image_mask is not None:
+        image_keys = image_keys & ~keep_image_mask
+    image_keys = jnp.concatenate([image_keys, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     cache = init_cache(model, b, total, x.dtype)
     out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
                         cache=cache, write_index=0)
@@ -89,19 +93,25 @@ def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_i
 
 def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
              eos_token_id=None, pad_token_id: int | None = None, attn_impl: str = "fused",
-             truncate_at: int | None = None) -> GenerateOutput:
+             truncate_at: int | None = None, keep_image_mask=None) -> GenerateOutput:
     """Greedy decoding, batched, with a KV cache; a row stops at EOS, all stop at max_new_tokens.
 
     input_ids/attention_mask (B, T) (right padding is moved to the left first); pixel_values
     (B_img, 3, H, W). eos_token_id: int or list (default: the config's). truncate_at=K decodes with
-    image keys masked in layers >= K. Returns GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
+    image keys masked in layers >= K, except those in keep_image_mask (B, T) bool. Returns GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
     """
     _check_impl(attn_impl)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     cfg = model.config
     ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at)
-    ids, mask = left_align(ids, mask)
+    if keep_image_mask is not None:
+        _keep_mask(keep_image_mask, ids.shape)  # validates
+        ids, mask, keep = left_align(ids, mask, np.asarray(keep_image_mask))
+        keep = jnp.asarray(keep)
+    else:
+        ids, mask = left_align(ids, mask)
+        keep = None
     if ids.shape[1] + max_new_tokens > cfg.text.max_position_embeddings and cfg.text.rope.rope_type != "dynamic":
         pass  # allowed, as in transformers; positions beyond the trained range are the user's choice
     eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
@@ -111,7 +121,7 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
     k = None if truncate_at is None else jnp.int32(truncate_at)
     tokens = np.asarray(_generate_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), jnp.asarray(eos),
-                                      jnp.int32(pad), k, max_new_tokens=int(max_new_tokens), impl=attn_impl))
+                                      jnp.int32(pad), k, keep, max_new_tokens=int(max_new_tokens), impl=attn_impl))
     is_eos = np.isin(tokens, eos)
     lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, max_new_tokens).astype(np.int32)
     return GenerateOutput(tokens=tokens, lengths=lengths)

@@ -97,7 +97,7 @@ class LlamaModel(nnx.Module):
 
     def run_layers(self, x, cos, sin, allowed, *, impl: str = "fused", image_keys=None, truncate_at=None,
                    cache=None, write_index=None, attn_rows=None, attn_row_delta=None, mlp_in_delta=None,
-                   capture=(), layers=None) -> LayerStackOutput:
+                   capture=(), capture_rows=None, capture_kv_len=None, layers=None) -> LayerStackOutput:
         """Runs the decoder layers.
 
         x (B, T, D) input embeddings; cos/sin (B, T, hd); allowed (B, T, S) bool: query t may see key
@@ -105,6 +105,8 @@ class LlamaModel(nnx.Module):
         image_keys (B, S) bool marks image-token keys, used with truncate_at (scalar int: layers
         l >= truncate_at mask them). cache {"k","v"}: (L, B, S, KVH, hd), the new keys are written at
         slot `write_index` (scalar) onward. `layers` (start, stop) runs only that slice of the stack.
+        capture_rows (B, R) int gathers the "residual"/"mlp_in" captures at those rows only;
+        capture_kv_len (static int) keeps only the first that many slots of the "kv" capture.
         """
         unknown = set(capture) - set(CAPTURES)
         if unknown:
@@ -122,6 +124,7 @@ class LlamaModel(nnx.Module):
         if attn_row_delta is not None:
             xs["attn_row_delta"] = attn_row_delta
         truncating = image_keys is not None and truncate_at is not None
+        bidx_all = jnp.arange(x.shape[0])[:, None]
 
         def body(carry, xs_l):
             h, kv = carry
@@ -160,12 +163,13 @@ class LlamaModel(nnx.Module):
             if "mlp_in_delta" in xs_l:
                 m = m + xs_l["mlp_in_delta"].astype(m.dtype)
             h_out = h_mid + layer.mlp(m)
+            pick = (lambda a: a) if capture_rows is None else (lambda a: a[bidx_all, capture_rows])
             if "residual" in capture:
-                ys["residual"] = h
+                ys["residual"] = pick(h)
             if "mlp_in" in capture:
-                ys["mlp_in"] = m
+                ys["mlp_in"] = pick(m)
             if "kv" in capture:
-                ys["k"], ys["v"] = k_new, v_new
+                ys["k"], ys["v"] = k_new[:, :capture_kv_len], v_new[:, :capture_kv_len]
             return (h_out, kv), ys
 
         (h, kv), ys = jax.lax.scan(body, (x, cache), xs)
