@@ -5,6 +5,8 @@ Public entry points (see shared DESIGN.md section 5):
     out = jaxflow.forward(model, input_ids, pixel_values, attention_mask=None)   # out.logits (B, T, V)
     gen = jaxflow.generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=32)
 """
+from jaxflow.analysis.truncation import (SweepOutput, TruncationGenerateOutput, truncation_generate,
+                                         truncation_sweep)
 from jaxflow.convert import convert_checkpoint, load, load_tokenizer, save_model
 from jaxflow.forward import ForwardOutput, forward, image_features
 from jaxflow.generate import GenerateOutput, generate
@@ -16,4 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Llava", "LlavaConfig", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint",
     "forward", "ForwardOutput", "image_features", "generate", "GenerateOutput",
+    "truncation_sweep", "SweepOutput", "truncation_generate", "TruncationGenerateOutput",
 ]

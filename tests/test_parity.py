@@ -1,6 +1,4 @@
 """Numerical parity with transformers (torch) on tiny random LLaVA models, converted with the CLI."""
-import os
-
 import numpy as np
 import pytest
 
@@ -13,17 +11,10 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=sorted(R.CASES))
-def pair(request, tmp_path_factory):
-    """(case, torch model, jaxflow model) with identical weights; the "gqa" case is saved sharded."""
-    case = request.param
-    tmp = tmp_path_factory.mktemp(case)
-    hf = R.build_hf_model(case)
-    R.save_hf(hf, str(tmp / "hf"), max_shard_size="40KB" if case == "gqa" else None)
-    if case == "gqa":
-        assert os.path.exists(tmp / "hf" / "model.safetensors.index.json"), "sharded save expected"
-    res = R.convert_cli(str(tmp / "hf"), str(tmp / "jf"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return case, hf, jaxflow.load(str(tmp / "jf"))
+def pair(request, converted_pair):
+    """(case, torch model, jaxflow model) with identical weights."""
+    hf, jm = converted_pair(request.param)
+    return request.param, hf, jm
 
 
 def _torch_forward(hf, ids, mask, pix):

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random transformers LLaVA models and their jaxflow conversions, built once."""
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def converted_pair(tmp_path_factory):
+    """converted_pair(case) -> (torch model, jaxflow model) with identical weights, cached per case.
+
+    The "gqa" case is saved sharded; every case is converted with the CLI."""
+    import jaxflow
+    import hf_reference as R
+
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            tmp = tmp_path_factory.mktemp(case)
+            hf = R.build_hf_model(case)
+            R.save_hf(hf, str(tmp / "hf"), max_shard_size="40KB" if case == "gqa" else None)
+            if case == "gqa":
+                assert os.path.exists(tmp / "hf" / "model.safetensors.index.json"), "sharded save expected"
+            res = R.convert_cli(str(tmp / "hf"), str(tmp / "jf"))
+            assert res.returncode == 0, res.stderr[-3000:]
+            cache[case] = (hf, jaxflow.load(str(tmp / "jf")))
+        return cache[case]
+
+    return get
