@@ -1,0 +1,133 @@
+"""One image, one question, every cut layer K: answers, the answer's probability, the cliff layer."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxflow.analysis.truncation import truncation_generate, truncation_sweep
+from jaxflow.pipeline import Bundle, decode_answers, encode
+
+
+def cliff_layer(layers, values, epsilon: float, baseline: float | None = None) -> int:
+    """The cliff layer: the smallest K such that the metric at every K' >= K is within `epsilon` of the untruncated
+    model (the value at the largest K, unless `baseline` is given): image tokens after the cliff no
+    longer matter. layers (V,) ascending, values (V,)."""
+    ks, vals = np.asarray(layers), np.asarray(values, float)
+    if ks.shape != vals.shape or ks.size == 0:
+        raise ValueError("layers and values must be non-empty and of the same length")
+    order = np.argsort(ks)
+    ks, vals = ks[order], vals[order]
+    base = vals[-1] if baseline is None else baseline
+    within = np.abs(vals - base) <= epsilon
+    cliff = ks[-1]
+    for k, ok in zip(ks[::-1], within[::-1]):
+        if not ok:
+            break
+        cliff = k
+    return int(cliff)
+
+
+@dataclasses.dataclass
+class SweepReport:
+    layers: np.ndarray  # (V,) cut layers K
+    answers: list[str]  # greedy answer under each K
+    answer_ids: list[list[int]]  # its token ids (EOS dropped)
+    reference_answer: str  # the untruncated model's answer (K = L), the one whose probability is tracked
+    answer_logprob: np.ndarray  # (V,) log p(reference answer | prompt) under each K, teacher-forced
+    first_token_logprob: np.ndarray  # (V,) log p(first answer token | prompt) under each K
+    first_token_margin: np.ndarray  # (V,) logit of the answer's first token minus the best other logit
+    cliff: int  # cliff_layer of the first answer token's probability
+
+    def to_json(self) -> dict:
+        return {"layers": self.layers.tolist(), "answers": self.answers, "answer_ids": self.answer_ids,
+                "reference_answer": self.reference_answer,
+                "answer_probability": np.exp(self.answer_logprob).tolist(),
+                "answer_logprob": self.answer_logprob.tolist(),
+                "first_token_probability": np.exp(self.first_token_logprob).tolist(),
+                "first_token_margin": self.first_token_margin.tolist(), "cliff_layer": self.cliff}
+
+
+def sweep_report(bundle: Bundle, image, question: str, *, max_new_tokens: int = 16, layers=None,
+                 keep_top_k: int = 0, epsilon: float = 0.05, pad_square: bool = False) -> SweepReport:
+    """Greedy answers for every K, and how likely each variant finds the untruncated answer."""
+    model = bundle.model
+    L = model.config.text.num_layers
+    ks = np.arange(L + 1) if layers is None else np.asarray(sorted(set(int(k) for k in layers) | {L}))
+    batch, pixels = encode(bundle, [image], [question], pad_square=pad_square)
+    gen = truncation_generate(model, batch.input_ids, pixels, batch.attention_mask, ks,
+                              max_new_tokens=max_new_tokens, keep_top_k=keep_top_k)
+    eos = tuple(model.config.text.eos_token_id)
+    answers = [decode_answers(bundle.tokenizer, gen.tokens[v], gen.lengths[v], eos)[0] for v in range(len(ks))]
+    ids = [[int(t) for t in gen.tokens[v, 0, :gen.lengths[v, 0]] if int(t) not in eos] for v in range(len(ks))]
+    ref_ids = ids[-1] or [int(gen.tokens[-1, 0, 0])]  # an empty answer: track its first token (EOS)
+    # teacher-force the reference answer: prompt + answer, every K at once
+    tf, tf_pixels = encode(bundle, [image], [question], [ref_ids], pad_square=pad_square)
+    sweep = truncation_sweep(model, tf.input_ids, tf_pixels, tf.attention_mask, ks, keep_top_k=keep_top_k)
+    n_prompt_after_image = int(sweep.mask[0].sum()) - len(ref_ids)
+    # slot j predicts the token at slot j + 1; the answer starts at slot n_prompt_after_image
+    logits = sweep.logits[:, 0]  # (V, Ta, vocab)
+    pred = logits[:, n_prompt_after_image - 1:n_prompt_after_image - 1 + len(ref_ids)]  # (V, n_ans, vocab)
+    logp = pred - _logsumexp(pred)
+    answer_logprob = np.take_along_axis(logp, np.asarray(ref_ids)[None, :, None], -1)[..., 0].sum(-1)
+    first = pred[:, 0]
+    y0 = ref_ids[0]
+    others = np.delete(first, y0, axis=-1).max(-1)
+    margin = first[:, y0] - others
+    first_logprob = logp[:, 0, y0]
+    # the cliff follows the first answer token: for the short answers of VQA it is the answer, and a
+    # long answer's joint probability is small even when nothing changes
+    cliff = cliff_layer(ks, np.exp(first_logprob), epsilon)
+    return SweepReport(layers=ks, answers=answers, answer_ids=ids, reference_answer=answers[-1],
+                       answer_logprob=answer_logprob, first_token_logprob=first_logprob, first_token_margin=margin,
+                       cliff=cliff)
+
+
+def _logsumexp(x):
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def run_sweep_report(checkpoint, image, question, *, out, template="vicuna_v1", max_new_tokens=16, layers=None,
+                     keep_top_k=0, epsilon=0.05, pad_square=False) -> tuple[SweepReport, list[str]]:
+    """What scripts/truncation_sweep.py does: report + answers.json + sweep.png in `out` (atomically)."""
+    import os
+    import shutil
+    import tempfile
+
+    from jaxflow.convert import CheckpointError
+    from jaxflow.pipeline import load_bundle, write_json
+    from jaxflow.viz.truncation import plot_sweep_report
+
+    if not question or not question.strip():
+        raise ValueError("--question is empty")
+    if not os.path.isfile(image):
+        raise ValueError(f"image not found: {image}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    try:
+        layers = None if layers is None else [int(k) for k in layers]
+    except ValueError as e:
+        raise ValueError(f"--layers must be integers: {e}") from e
+    try:
+        bundle = load_bundle(checkpoint, template=template)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from e
+    report = sweep_report(bundle, image, question, max_new_tokens=max_new_tokens, layers=layers,
+                          keep_top_k=keep_top_k, epsilon=epsilon, pad_square=pad_square)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".sweep-", dir=parent)
+    try:
+        data = {"model": bundle.name, "image": os.path.abspath(image), "question": question,
+                "keep_top_k": keep_top_k, "epsilon": epsilon, **report.to_json()}
+        write_json(os.path.join(tmp, "answers.json"), data)
+        plot_sweep_report(report, os.path.join(tmp, "sweep.png"),
+                          title=f"{bundle.name}: {question!r} (cliff layer {report.cliff})")
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report, [os.path.join(out, "answers.json"), os.path.join(out, "sweep.png")]

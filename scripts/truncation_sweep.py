@@ -1,0 +1,51 @@
+"""Answer one question about one image with the image cut out of attention from layer K on, for
+every K at once; plot the answer's probability against K with the cliff layer marked.
+
+    python scripts/truncation_sweep.py                       # embedded tiny model and bundled image
+    python scripts/truncation_sweep.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg \
+        --question "Is there a cat in the image?" --max_new_tokens 8 --out outputs/sweep
+"""
+import math
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
+flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
+flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "llava_hf"], "prompt template")
+flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit for every K")
+flags.DEFINE_list("layers", None, "cut layers K to evaluate (default: all of 0..L)")
+flags.DEFINE_integer("keep_top_k", 0, "FastV-style: keep this many image tokens from layer K on")
+flags.DEFINE_float("epsilon", 0.05, "cliff: smallest K after which P(first answer token) stays within "
+                   "epsilon of its value at K = L")
+flags.DEFINE_bool("pad_square", False, "pad the image to a square with the mean colour (original LLaVA eval)")
+flags.DEFINE_string("out", "outputs/truncation_sweep", "output folder: answers.json, sweep.png")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from jaxflow import tiny
+    from jaxflow.analysis.sweep_report import run_sweep_report
+
+    try:
+        report, files = run_sweep_report(
+            FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question, out=FLAGS.out,
+            template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens, layers=FLAGS.layers,
+            keep_top_k=FLAGS.keep_top_k, epsilon=FLAGS.epsilon, pad_square=FLAGS.pad_square)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    width = max(len(str(k)) for k in report.layers)
+    print(f"untruncated answer: {report.reference_answer!r}")
+    print(f"{'K':>{width}}  P(1st tok)  P(answer)  margin  answer under K")
+    for k, lp1, lp, m, a in zip(report.layers, report.first_token_logprob, report.answer_logprob,
+                                report.first_token_margin, report.answers):
+        print(f"{k:>{width}}  {math.exp(lp1):10.4f}  {math.exp(lp):9.4f}  {m:6.2f}  {a!r}")
+    print(f"cliff layer: {report.cliff} (epsilon {FLAGS.epsilon}); wrote {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
