@@ -60,6 +60,7 @@ class _Layout:
     text_idx: np.ndarray  # (B, Ta) sequence index of each own text slot (clipped where invalid)
     text_valid: np.ndarray  # (B, Ta)
     prefix_len: int  # P = max image_end: slots [0, P) are the shared prefix
+    system_len: int  # max image_start: slots [0, system_len) hold every row's system tokens
 
 
 def image_layout(input_ids, attention_mask, image_token_id: int, num_image_tokens: int) -> _Layout:
@@ -85,7 +86,7 @@ def image_layout(input_ids, attention_mask, image_token_id: int, num_image_token
     for r, t in enumerate(texts):
         text_idx[r, :len(t)], text_idx[r, len(t):] = t, t[-1]
         text_valid[r, :len(t)] = True
-    return _Layout(start, end, text_idx, text_valid, int(end.max()))
+    return _Layout(start, end, text_idx, text_valid, int(end.max()), max(int(start.max()), 1))
 
 
 def _check_layers(layers, num_layers: int) -> np.ndarray:
@@ -100,7 +101,7 @@ def _check_layers(layers, num_layers: int) -> np.ndarray:
 
 def _chunks(ks: np.ndarray, num_layers: int, n_chunks: int) -> tuple[tuple[int, int, int], ...]:
     """(l0, l1, n_active): layer ranges and how many variants (sorted ks) are cut before l1."""
-    n_chunks = max(1, min(int(n_chunks), num_layers))
+    n_chunks = max(1, min(int(n_chunks), num_layers))  # n_chunks copies of the layer body in the program
     bounds = np.linspace(0, num_layers, n_chunks + 1).round().astype(int)
     out = []
     for l0, l1 in zip(bounds[:-1], bounds[1:]):
@@ -181,7 +182,7 @@ def _keep_sets(attn_rows, image_start, num_image, ks, keep_top_k):
 
 
 def _sweep_core(model: Llava, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *,
-                prefix_len, chunks, keep_top_k, impl, for_generation):
+                prefix_len, system_len, chunks, keep_top_k, impl, for_generation):
     lm = model.language_model
     tcfg = model.config.text
     L = tcfg.num_layers
@@ -243,20 +244,25 @@ def _sweep_core(model: Llava, ids, pixel_values, mask, text_idx, text_valid, ima
         own_v_layers = jnp.broadcast_to(jnp.take_along_axis(kv_all_v[:, None, :, prefix_len:],
                                                             own_sel[None, :, :, :, None, None], 3),
                                         (L, v_count, b, q) + kv_all_v.shape[-2:])
+    # In the prompt phase a variant at a layer l >= K sees only the system slots of the prefix. A
+    # variant with K > l inside an active chunk is discarded (re-injected at the next layer) and its
+    # keys/values come from the injected, untruncated input: so the chunks need only [0, system_len).
+    sl = system_len
+    sys_valid, sys_img, sys_kept = pre_valid[:, :sl], pre_img[:, :sl], pre_kept[:, :, :sl]
     for l0, l1, n in chunks:
         xs = {"layer": jax.tree.map(lambda a: a[l0:l1], state), "l": jnp.arange(l0, l1), "res": res[l0:l1],
-              "pre_k": pre_k[l0:l1], "pre_v": pre_v[l0:l1]}
+              "pre_k": pre_k[l0:l1, :, :sl], "pre_v": pre_v[l0:l1, :, :sl]}
         ks_n, seq_n, valid_n = ks[:n], own_seq[:n], own_valid[:n]
         cos, sin = rope_cos_sin(own_pos[:n].reshape(n * b, q), inv, x.dtype)  # (n*B, Q, hd)
         own_ok = _own_ok(seq_n, seq_n, valid_n)
-        pre_kept_n = pre_kept[:n]
+        pre_kept_n = sys_kept[:n]
 
         def body(hn, xs_l, ks_n=ks_n, seq_n=seq_n, own_ok=own_ok, pre_kept_n=pre_kept_n, cos=cos, sin=sin, n=n):
             layer = nnx.merge(graphdef, xs_l["layer"])
             l = xs_l["l"]
             x_own = jnp.take_along_axis(xs_l["res"][None], own_sel[:n, :, :, None], axis=2)  # (n, B, Q, D)
             hin = jnp.where((ks_n >= l)[:, None, None, None], x_own.astype(hn.dtype), hn)
-            pre_ok = _prefix_ok(l, ks_n, pre_valid, pre_img, pre_kept_n, seq_n)
+            pre_ok = _prefix_ok(l, ks_n, sys_valid, sys_img, pre_kept_n, seq_n)
             out, kv = _variant_layer(layer, hin, cos, sin, own_ok, xs_l["pre_k"], xs_l["pre_v"], pre_ok, scale)
             return out, (kv if for_generation else None)
 
@@ -280,11 +286,12 @@ def _sweep_core(model: Llava, ids, pixel_values, mask, text_idx, text_valid, ima
     return out
 
 
-@partial(jax.jit, static_argnames=("prefix_len", "chunks", "keep_top_k", "impl"))
+@partial(jax.jit, static_argnames=("prefix_len", "system_len", "chunks", "keep_top_k", "impl"))
 def _sweep_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *, prefix_len,
-               chunks, keep_top_k, impl):
+               system_len, chunks, keep_top_k, impl):
     return _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
-                       prefix_len=prefix_len, chunks=chunks, keep_top_k=keep_top_k, impl=impl, for_generation=False)
+                       prefix_len=prefix_len, system_len=system_len, chunks=chunks, keep_top_k=keep_top_k, impl=impl,
+                       for_generation=False)
 
 
 def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks, attn_impl):
@@ -321,7 +328,8 @@ def truncation_sweep(model: Llava, input_ids, pixel_values, attention_mask=None,
     out = _sweep_jit(model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
                      jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
                      jnp.asarray(lay.image_end), jnp.asarray(ks), prefix_len=lay.prefix_len,
-                     chunks=_chunks(ks, L, chunks), keep_top_k=int(keep_top_k), impl=attn_impl)
+                     system_len=lay.system_len, chunks=_chunks(ks, L, chunks), keep_top_k=int(keep_top_k),
+                     impl=attn_impl)
     positions = np.where(lay.text_valid, lay.text_idx, -1).astype(np.int32)
     return SweepOutput(logits=np.asarray(out["logits"]), next_token=np.asarray(out["next_token"]), layers=ks,
                        positions=positions, mask=lay.text_valid.copy())
@@ -330,14 +338,15 @@ def truncation_sweep(model: Llava, input_ids, pixel_values, attention_mask=None,
 # --------------------------------------------------------------------------- generation (jit)
 
 
-@partial(jax.jit, static_argnames=("prefix_len", "chunks", "keep_top_k", "impl", "max_new_tokens"))
+@partial(jax.jit, static_argnames=("prefix_len", "system_len", "chunks", "keep_top_k", "impl", "max_new_tokens"))
 def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, eos_ids, pad_id,
-                  *, prefix_len, chunks, keep_top_k, impl, max_new_tokens):
+                  *, prefix_len, system_len, chunks, keep_top_k, impl, max_new_tokens):
     lm = model.language_model
     tcfg = model.config.text
     b, t = ids.shape
     sw = _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
-                     prefix_len=prefix_len, chunks=chunks, keep_top_k=keep_top_k, impl=impl, for_generation=True)
+                     prefix_len=prefix_len, system_len=system_len, chunks=chunks, keep_top_k=keep_top_k, impl=impl,
+                     for_generation=True)
     v_count = ks.shape[0]
     q = sw["own_seq"].shape[-1]
     s = q + max_new_tokens
@@ -420,7 +429,7 @@ def truncation_generate(model: Llava, input_ids, pixel_values, attention_mask=No
         model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
         jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
         jnp.asarray(lay.image_end), jnp.asarray(ks), jnp.asarray(eos), jnp.int32(pad), prefix_len=lay.prefix_len,
-        chunks=_chunks(ks, cfg.text.num_layers, chunks), keep_top_k=int(keep_top_k), impl=attn_impl,
+        system_len=lay.system_len, chunks=_chunks(ks, cfg.text.num_layers, chunks), keep_top_k=int(keep_top_k), impl=attn_impl,
         max_new_tokens=int(max_new_tokens)))
     is_eos = np.isin(tokens, eos)
     lengths = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, max_new_tokens).astype(np.int32)
