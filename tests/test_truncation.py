@@ -159,3 +159,17 @@ def test_bad_arguments(pair):
         jaxflow.truncation_sweep(jm, ids, pix, mask, keep_top_k=10_000)
     with pytest.raises(ValueError, match="max_new_tokens"):
         jaxflow.truncation_generate(jm, ids, pix, mask, max_new_tokens=0)
+
+
+def test_text_bucket_pads_without_changing_results(pair):
+    case, _, jm = pair
+    ids, mask, pix = R.batch_inputs(case, seed=8)
+    a = jaxflow.truncation_sweep(jm, ids, pix, mask, layers=[0, 1])
+    b = jaxflow.truncation_sweep(jm, ids, pix, mask, layers=[0, 1], text_bucket=16)
+    assert b.logits.shape[2] == 16 and b.mask[:, a.mask.shape[1]:].sum() == 0
+    ta = a.mask.shape[1]
+    np.testing.assert_allclose(b.logits[:, :, :ta][:, a.mask], a.logits[:, a.mask], atol=1e-6)
+    np.testing.assert_array_equal(a.next_token, b.next_token)
+    ga = jaxflow.truncation_generate(jm, ids, pix, mask, layers=[0, 1], max_new_tokens=4)
+    gb = jaxflow.truncation_generate(jm, ids, pix, mask, layers=[0, 1], max_new_tokens=4, text_bucket=16)
+    np.testing.assert_array_equal(ga.tokens, gb.tokens)

@@ -6,26 +6,8 @@ import dataclasses
 import numpy as np
 
 from jaxflow.analysis.truncation import truncation_generate, truncation_sweep
+from jaxflow.evaluation.cliff import cliff_layer
 from jaxflow.pipeline import Bundle, decode_answers, encode
-
-
-def cliff_layer(layers, values, epsilon: float, baseline: float | None = None) -> int:
-    """The cliff layer: the smallest K such that the metric at every K' >= K is within `epsilon` of the untruncated
-    model (the value at the largest K, unless `baseline` is given): image tokens after the cliff no
-    longer matter. layers (V,) ascending, values (V,)."""
-    ks, vals = np.asarray(layers), np.asarray(values, float)
-    if ks.shape != vals.shape or ks.size == 0:
-        raise ValueError("layers and values must be non-empty and of the same length")
-    order = np.argsort(ks)
-    ks, vals = ks[order], vals[order]
-    base = vals[-1] if baseline is None else baseline
-    within = np.abs(vals - base) <= epsilon
-    cliff = ks[-1]
-    for k, ok in zip(ks[::-1], within[::-1]):
-        if not ok:
-            break
-        cliff = k
-    return int(cliff)
 
 
 @dataclasses.dataclass
@@ -37,7 +19,7 @@ class SweepReport:
     answer_logprob: np.ndarray  # (V,) log p(reference answer | prompt) under each K, teacher-forced
     first_token_logprob: np.ndarray  # (V,) log p(first answer token | prompt) under each K
     first_token_margin: np.ndarray  # (V,) logit of the answer's first token minus the best other logit
-    cliff: int  # cliff_layer of the first answer token's probability
+    cliff: int  # jaxflow.evaluation.cliff.cliff_layer of the first answer token's probability
 
     def to_json(self) -> dict:
         return {"layers": self.layers.tolist(), "answers": self.answers, "answer_ids": self.answer_ids,

@@ -63,8 +63,10 @@ class _Layout:
     system_len: int  # max image_start: slots [0, system_len) hold every row's system tokens
 
 
-def image_layout(input_ids, attention_mask, image_token_id: int, num_image_tokens: int) -> _Layout:
-    """Finds each row's image block and the text after it; one clear error per bad row."""
+def image_layout(input_ids, attention_mask, image_token_id: int, num_image_tokens: int,
+                 text_bucket: int = 1) -> _Layout:
+    """Finds each row's image block and the text after it; one clear error per bad row.
+    The text-slot count is rounded up to a multiple of `text_bucket` (fewer distinct shapes to compile)."""
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
     b = ids.shape[0]
     start, end, texts = np.zeros(b, np.int32), np.zeros(b, np.int32), []
@@ -81,6 +83,7 @@ def image_layout(input_ids, attention_mask, image_token_id: int, num_image_token
             raise ValueError(f"row {r} has no token after its image: nothing for truncation to change")
         texts.append(t)
     ta = max(len(t) for t in texts)
+    ta = -(-ta // text_bucket) * text_bucket
     text_idx = np.zeros((b, ta), np.int32)
     text_valid = np.zeros((b, ta), bool)
     for r, t in enumerate(texts):
@@ -294,7 +297,7 @@ def _sweep_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start
                        for_generation=False)
 
 
-def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks, attn_impl):
+def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks, attn_impl, text_bucket=1):
     _check_impl(attn_impl)
     cfg = model.config
     ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask)
@@ -308,22 +311,27 @@ def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k,
         raise ValueError(f"keep_top_k must be an integer in 0..{n_img - 1}, got {keep_top_k!r}")
     if not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+    if not isinstance(text_bucket, (int, np.integer)) or text_bucket < 1:
+        raise ValueError(f"text_bucket must be a positive integer, got {text_bucket!r}")
     ks = _check_layers(layers, cfg.text.num_layers)
-    return ids, mask, ks, image_layout(ids, mask, cfg.image_token_id, n_img)
+    return ids, mask, ks, image_layout(ids, mask, cfg.image_token_id, n_img, int(text_bucket))
 
 
 def truncation_sweep(model: Llava, input_ids, pixel_values, attention_mask=None, layers=None, *,
-                     keep_top_k: int = 0, chunks: int = 4, attn_impl: str = "fused") -> SweepOutput:
+                     keep_top_k: int = 0, chunks: int = 4, attn_impl: str = "fused",
+                     text_bucket: int = 1) -> SweepOutput:
     """Logits for every cut layer K at once, at the positions after each row's image.
 
     input_ids/attention_mask (B, T), one image block per row; pixel_values (B, 3, H, W).
     layers: the K values (default 0..L). keep_top_k: FastV-style, keep that many image tokens.
     chunks: layer chunks of the triangular schedule (more: less wasted work, larger program).
+    text_bucket: round T_after up to a multiple of this (extra slots are masked): batches whose text
+    after the image differs in length then share one compiled program.
     Returns SweepOutput with logits (V, B, T_after, vocab): slot j of row b is the token at
     input position `positions[b, j]` (the j-th real token after the image).
     """
     ids, mask, ks, lay = _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks,
-                                  attn_impl)
+                                  attn_impl, text_bucket)
     L = model.config.text.num_layers
     out = _sweep_jit(model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
                      jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
@@ -407,19 +415,21 @@ def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_st
 
 def truncation_generate(model: Llava, input_ids, pixel_values, attention_mask=None, layers=None, *,
                         max_new_tokens: int = 32, keep_top_k: int = 0, eos_token_id=None,
-                        pad_token_id: int | None = None, chunks: int = 4,
-                        attn_impl: str = "fused") -> TruncationGenerateOutput:
+                        pad_token_id: int | None = None, chunks: int = 4, attn_impl: str = "fused",
+                        text_bucket: int = 1) -> TruncationGenerateOutput:
     """Greedy decoding for every cut layer K at once (batched over rows, each (K, row) stops at EOS).
 
     The prompt's shared prefix (system + image keys/values) is stored once; each variant keeps a
     small cache of its own tokens (text after the image and what it generates); at layers >= K the
-    image keys are masked. Returns tokens (V, B, max_new_tokens) and lengths (V, B).
+    image keys are masked. text_bucket: as in `truncation_sweep`. Returns tokens (V, B, max_new_tokens)
+    and lengths (V, B).
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask)
     ids, mask = left_align(ids, mask)
-    ids, mask, ks, lay = _prepare(model, ids, pixel_values, mask, layers, keep_top_k, chunks, attn_impl)
+    ids, mask, ks, lay = _prepare(model, ids, pixel_values, mask, layers, keep_top_k, chunks, attn_impl,
+                                  text_bucket)
     cfg = model.config
     eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
     eos = np.atleast_1d(np.asarray(eos if eos is not None and np.size(eos) else [-1], np.int32))

@@ -1,0 +1,103 @@
+"""Evaluates a LLaVA model on POPE, TextVQA, ScienceQA-IMG or CHAIR under truncation: every cut layer
+K in one pass, per-item predictions as it goes (resumable), summary, CSV, figure and cliff layer.
+
+Offline, on the embedded tiny random model and the bundled fixture data:
+    python scripts/evaluate.py --dataset pope
+A real run:
+    python scripts/evaluate.py --checkpoint checkpoints/llava-1.5-7b --dataset pope \\
+        --data_dir data/pope --image_dir data/coco/val2014 --sweep all --batch_size 16 --out outputs/eval/pope
+Re-running the same command resumes. See docs/evaluation.md.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_enum("dataset", None, ["pope", "textvqa", "scienceqa", "chair"], "the benchmark")
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("data_dir", None, "the data set's annotation files (default: the bundled fixtures)")
+flags.DEFINE_string("image_dir", None, "the image folder (required with --data_dir)")
+flags.DEFINE_string("sweep", "all", "cut layers: all (K = 0..L), none (the plain model only) or a list like 0,8,16 "
+                    "(L, the untruncated baseline, is always added)")
+flags.DEFINE_integer("batch_size", 8, "rows per batch (may change when resuming)")
+flags.DEFINE_integer("limit", None, "evaluate only the first N items")
+flags.DEFINE_string("out", None, "run directory (default: outputs/eval/{model}/{dataset}-{sweep})")
+flags.DEFINE_bool("skip_bad", False, "skip bad records and unreadable images (logged, counted) instead of failing")
+flags.DEFINE_float("epsilon", 0.01, "cliff-layer tolerance: |metric(K') - metric(L)| <= epsilon for all K' >= cliff")
+flags.DEFINE_integer("max_new_tokens", None, "answer length limit (default: pope 8, textvqa 16, scienceqa 8, "
+                     "chair 128)")
+flags.DEFINE_bool("overwrite", False, "delete the run directory's predictions and start over")
+flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "llava_hf"], "prompt template")
+flags.DEFINE_bool("pad_square", False, "pad images to a square with the mean colour (original LLaVA eval)")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "cast the checkpoint to this dtype (default: as stored)")
+flags.DEFINE_bool("ocr", True, "textvqa: put the OCR tokens in the prompt (LLaVA-1.5's reported setting)")
+flags.DEFINE_string("pope_splits", None, "pope: comma-separated categories (default: all found)")
+flags.DEFINE_integer("n_images", 500, "chair: images sampled from COCO val2014")
+flags.DEFINE_integer("seed", 0, "chair: seed of the image sample")
+flags.DEFINE_bool("progress", True, "show a progress bar")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.dataset is None:
+        print("error: --dataset is required (pope, textvqa, scienceqa or chair)", file=sys.stderr)
+        sys.exit(2)
+    from jaxflow.convert import CheckpointError
+    from jaxflow.data.datasets import DatasetError
+    from jaxflow.evaluation import EvalConfig, EvaluationError, run_evaluation
+
+    options = {}
+    if FLAGS.dataset == "textvqa":
+        options["ocr"] = FLAGS.ocr
+    elif FLAGS.dataset == "pope" and FLAGS.pope_splits:
+        options["splits"] = FLAGS.pope_splits
+    elif FLAGS.dataset == "chair":
+        options["n_images"] = FLAGS.n_images
+    cfg = EvalConfig(dataset=FLAGS.dataset, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
+                     image_dir=FLAGS.image_dir, out=FLAGS.out, sweep=FLAGS.sweep, batch_size=FLAGS.batch_size,
+                     limit=FLAGS.limit, max_new_tokens=FLAGS.max_new_tokens, epsilon=FLAGS.epsilon,
+                     skip_bad=FLAGS.skip_bad, overwrite=FLAGS.overwrite, template=FLAGS.template,
+                     pad_square=FLAGS.pad_square, dtype=FLAGS.dtype, seed=FLAGS.seed, options=options,
+                     progress=FLAGS.progress)
+    try:
+        res = run_evaluation(cfg)
+    except (EvaluationError, DatasetError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the batches written so far are kept; re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    s = res.summary
+    metric = s["primary_metric"]
+    print(f"{s['model']} on {s['dataset']}: {s['n_items']} items, {len(s['layers'])} cut layer(s); "
+          f"this run generated {res.items_run} item(s) in {res.seconds:.1f} s")
+    print(f"  {'K':>3}  {metric}")
+    for k, v in zip(s["layers"], s["primary"]):
+        print(f"  {k:>3}  {v:.4f}" + ("  (baseline, untruncated)" if k == s["baseline_layer"] else "")
+              + ("  <- cliff" if k == s["cliff_layer"] else ""))
+    if s["cliff_layer"] is not None:
+        print(f"cliff layer: {s['cliff_layer']} ({metric} within {s['epsilon']:g} of the baseline "
+              f"{s['baseline']:.4f} for every K >= {s['cliff_layer']})")
+    if res.skipped:
+        print(f"skipped {len(res.skipped)} item(s) with unreadable images (see summary.json)")
+    print("wrote " + ", ".join(os.path.join(res.out, os.path.basename(p)) for p in
+                               (res.files["predictions"], res.files["summary_json"], res.files["summary_csv"],
+                                res.files["figure"])))
+
+
+def parse_flags(argv):
+    """absl's parser, with a flag error reported like the others: one line, exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
