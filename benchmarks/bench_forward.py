@@ -18,6 +18,13 @@ OMP_NUM_THREADS=MKL_NUM_THREADS=N; every child inherits these and torch children
 torch.set_num_threads(N). The affinity is what bounds XLA's CPU thread pool (it sizes itself from the
 schedulable cores).
 
+Rows with "+malloc" run the same framework in a worker started with common.TUNED_MALLOC_ENV
+(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_: glibc keeps large freed blocks for reuse instead of
+unmapping them, which saves re-faulting the pages of big temporaries on every call); their ratios
+are against the torch rows with the same setting. --breakdown (default on) then times the pieces
+(vision tower + projector, decoder layers, lm_head) of jaxflow-fused and torch-sdpa in the same
+workers, again in interleaved rounds, after the peak RSS has been read.
+
 torch runs with use_cache=False under torch.inference_mode() (jaxflow's forward builds no KV cache
 either). jaxflow is timed through the public `jaxflow.forward` (host-side input validation and the
 host->device copy of the inputs included); the compile time is its first call minus the steady-state
@@ -26,6 +33,7 @@ median. Results go to benchmarks/results/forward.json (git-ignored).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -44,21 +52,20 @@ from benchmarks import common  # noqa: E402  (imports neither jax nor torch)
 # --------------------------------------------------------------------------- children (fresh processes)
 
 
-def _prepare(workdir: str) -> dict:
-    """Child: build the torch bench model, save_pretrained, convert with jaxflow's converter."""
+def _build_and_save(workdir: str) -> dict:
+    """Child: build the torch bench model (fixed seed) and save_pretrained it."""
     t0 = time.perf_counter()
     model = common.build_torch_model("eager")
     hf_dir = common.save_torch_model(model, os.path.join(workdir, "hf"))
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
-    t1 = time.perf_counter()
+    return {"hf_dir": hf_dir, "num_params": int(sum(p.numel() for p in model.parameters())),
+            "build_save_s": time.perf_counter() - t0}
+
+
+def _convert(hf_dir: str, workdir: str) -> dict:
+    """Child: jaxflow's converter on its own (so its peak RSS is the converter's)."""
+    t0 = time.perf_counter()
     ckpt = common.convert_to_jaxflow(hf_dir, os.path.join(workdir, "jaxflow"), "float32")
-    return {"hf_dir": hf_dir, "ckpt": ckpt, "num_params": int(n_params), "build_save_s": t1 - t0,
-            "convert_s": time.perf_counter() - t1}
-
-
-def _loadavg():
-    return round(os.getloadavg()[0], 2)
+    return {"ckpt": ckpt, "convert_s": time.perf_counter() - t0}
 
 
 _S: dict = {}  # per-child state of a measurement worker (model, inputs, the run closure)
@@ -82,7 +89,7 @@ def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path):
         with torch.inference_mode():
             return model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=False).logits
 
-    _S["run"] = run
+    _S.update(run=run, model=model, inputs=(ids, mask, px))
     t0 = time.perf_counter()
     logits = run()
     first = time.perf_counter() - t0
@@ -106,7 +113,7 @@ def _setup_jaxflow(ckpt, impl, batch, text_tokens, logits_path):
     def run():
         return jaxflow.forward(model, ids, px, mask, attn_impl=impl).logits
 
-    _S["run"] = run
+    _S.update(run=run, model=model, impl=impl, inputs=(ids, mask, px))
     t0 = time.perf_counter()
     logits = jax.block_until_ready(run())
     first = time.perf_counter() - t0
@@ -115,34 +122,31 @@ def _setup_jaxflow(ckpt, impl, batch, text_tokens, logits_path):
             "jax_version": jax.__version__, "jax_devices": [str(d) for d in jax.devices()]}
 
 
-def _time_once() -> float:
-    """Worker: wall seconds of one steady-state forward (jax outputs blocked on)."""
-    t0 = time.perf_counter()
-    common._block(_S["run"]())
-    return time.perf_counter() - t0
+def _time_once(name: str = "run") -> tuple[float, float]:
+    """Worker: (wall seconds, process CPU seconds over all threads) of one steady-state run of the
+    registered closure (jax outputs blocked on). CPU time is less distorted by other processes."""
+    fn = _S[name]
+    c0, t0 = time.process_time(), time.perf_counter()
+    common._block(fn())
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def _breakdown_jaxflow(ckpt, batch, text_tokens, repeats):
-    """Child: steady-state time of the pieces of jaxflow's fused forward, each jitted on its own."""
+def _setup_breakdown_jaxflow() -> list[str]:
+    """Worker (a jaxflow one, after its main measurement): jit each piece of the forward on its own,
+    compile it, and register it for `_time_once(name)`. Returns the piece names."""
     import jax
     import jax.numpy as jnp
 
     import jaxflow
-    from jaxflow import forward as F
 
-    model = jaxflow.load(ckpt)
-    ids, mask, px = common.bench_inputs(batch, text_tokens)
-    ids, mask, px = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(px)
-    lm = model.language_model
-    impl = "fused"
+    F = importlib.import_module("jaxflow.forward")  # the module (jaxflow.forward is also a function)
+    model, impl = _S["model"], _S["impl"]
+    ids, mask, px = (jnp.asarray(a) for a in _S["inputs"])
+    ids, mask = ids.astype(jnp.int32), mask.astype(jnp.int32)
 
     @jax.jit
     def vision(m, px):
         return m.image_features(px, impl)
-
-    @jax.jit
-    def embed(m, ids, px):
-        return m.embed(ids, px, impl)
 
     @jax.jit
     def layers(m, x, ids, mask):
@@ -160,27 +164,27 @@ def _breakdown_jaxflow(ckpt, batch, text_tokens, repeats):
     def full(m, ids, px, mask):
         return F.forward_core(m, ids, px, mask, impl=impl).logits
 
-    x = embed(model, ids, px)
+    x = jax.jit(lambda m, ids, px: m.embed(ids, px, impl))(model, ids, px)
     h = layers(model, x, ids, mask)
     pieces = {
-        "vision_tower+projector": lambda: vision(model, px),
-        "embed (incl. vision)": lambda: embed(model, ids, px),
-        "decoder layers (32, scan)": lambda: layers(model, x, ids, mask),
+        "vision tower + projector": lambda: vision(model, px),
+        "decoder layers": lambda: layers(model, x, ids, mask),
         "final norm + lm_head": lambda: head(model, h),
-        "forward_core jit, device inputs": lambda: full(model, ids, px, mask),
-        "jaxflow.forward (public)": lambda: jaxflow.forward(model, ids, px, mask),
+        "forward_core, device inputs": lambda: full(model, ids, px, mask),
+        "jaxflow.forward (public)": lambda: jaxflow.forward(model, ids, px, mask, attn_impl=impl),
     }
-    return {name: common.timeit(fn, warmup=1, repeats=repeats) for name, fn in pieces.items()}
+    for name, fn in pieces.items():
+        jax.block_until_ready(fn())  # compile
+        _S[name] = fn
+    return list(pieces)
 
 
-def _breakdown_torch(hf_dir, batch, text_tokens, repeats, threads):
-    """Child: steady-state time of the same pieces in transformers (sdpa)."""
+def _setup_breakdown_torch() -> list[str]:
+    """Worker (a torch one, after its main measurement): the same pieces in transformers."""
     import torch
 
-    torch.set_num_threads(threads)
-    model = common.load_torch_model(hf_dir, "sdpa")
-    ids, mask, px = common.bench_inputs(batch, text_tokens)
-    ids, mask, px = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)
+    model = _S["model"]
+    ids, mask, px = _S["inputs"]
     inner = model.model
     with torch.inference_mode():
         h = inner(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=False).last_hidden_state
@@ -198,13 +202,26 @@ def _breakdown_torch(hf_dir, batch, text_tokens, repeats, threads):
         with torch.inference_mode():
             return model.lm_head(h)
 
-    def full():
-        with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=False).logits
+    pieces = {"vision tower + projector": vision, "decoder layers + final norm": decoder, "lm_head": head}
+    for name, fn in pieces.items():
+        fn()
+        _S[name] = fn
+    return list(pieces)
 
-    pieces = {"vision_tower+projector": vision, "decoder layers (32) + final norm": decoder,
-              "lm_head": head, "full forward": full}
-    return {name: common.timeit(fn, warmup=1, repeats=repeats) for name, fn in pieces.items()}
+
+def _timed_rounds(calls: dict, repeats: int, label: str = "round") -> dict:
+    """calls: key -> (worker, piece name). One timed run of every key per round, order rotated each
+    round; returns key -> list of seconds."""
+    keys = list(calls)
+    times = {k: [] for k in keys}
+    for r in range(repeats):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for k in order:
+            w, name = calls[k]
+            times[k].append(w.call(_time_once, name))
+        print(f"  {label} {r + 1}/{repeats} (load {os.getloadavg()[0]:.1f}): "
+              + ", ".join(f"{k} {times[k][-1][0]:.2f}s" for k in keys), flush=True)
+    return times
 
 
 # --------------------------------------------------------------------------- parent
@@ -232,7 +249,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per framework (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (the first, compiling call counts)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--frameworks", default="torch-eager,torch-sdpa,jaxflow-fused,jaxflow-reference")
+    ap.add_argument("--frameworks", default="torch-eager,torch-sdpa,jaxflow-fused,jaxflow-reference,"
+                    "torch-sdpa+malloc,jaxflow-fused+malloc,jaxflow-reference+malloc",
+                    help="comma list of {torch-eager,torch-sdpa,jaxflow-fused,jaxflow-reference}[+malloc]; "
+                    "+malloc runs that worker with common.TUNED_MALLOC_ENV (glibc keeps large freed blocks)")
     ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the pieces (vision, decoder, lm_head) of jaxflow-fused and torch-sdpa")
     ap.add_argument("--workdir", default=None, help="where the HF and jaxflow checkpoints go (default: a tmp dir)")
@@ -251,16 +271,22 @@ def main(argv=None):
           f"{args.batch} x {common.NUM_IMAGE_TOKENS + args.text_tokens} tokens + {args.batch} images 336px; "
           f"threads {args.threads}; repeats {args.repeats}", flush=True)
 
-    prep, prep_rss = common.run_isolated(_prepare, workdir)
-    print(f"prepared: {prep['num_params'] / 1e6:.1f}M params, build+save {prep['build_save_s']:.1f}s, "
-          f"convert {prep['convert_s']:.1f}s (converter child peak RSS {prep_rss:.0f} MiB)", flush=True)
+    prep, _ = common.run_isolated(_build_and_save, workdir)
+    conv, conv_rss = common.run_isolated(_convert, prep["hf_dir"], workdir)
+    prep.update(conv, converter_peak_rss_mb=conv_rss, weights_mb=prep["num_params"] * 4 / 2**20)
+    print(f"prepared: {prep['num_params'] / 1e6:.1f}M params ({prep['weights_mb']:.0f} MiB fp32), build+save "
+          f"{prep['build_save_s']:.1f}s, convert {prep['convert_s']:.1f}s (converter process peak RSS "
+          f"{conv_rss:.0f} MiB)", flush=True)
 
     results, logits_paths, workers = {}, {}, {}
     try:
         for fw in frameworks:  # one live worker per framework; first (compiling) calls one after another
-            kind, variant = fw.split("-", 1)
+            base, _, suffix = fw.partition("+")
+            if suffix not in ("", "malloc"):
+                raise SystemExit(f"unknown framework suffix in {fw!r} (only +malloc)")
+            kind, variant = base.split("-", 1)
             path = os.path.join(workdir, f"logits-{fw}.npy")
-            w = workers[fw] = common.IsolatedWorker()
+            w = workers[fw] = common.IsolatedWorker(common.TUNED_MALLOC_ENV if suffix else None)
             if kind == "torch":
                 res = w.call(_setup_torch, prep["hf_dir"], variant, args.batch, args.text_tokens, args.threads,
                              path)
@@ -270,29 +296,42 @@ def main(argv=None):
                 raise SystemExit(f"unknown framework {fw!r}")
             res["framework"] = fw
             results[fw], logits_paths[fw] = res, path
-            print(f"  {fw:18s} loaded, first call {res['first_call_s']:.2f}s", flush=True)
+            print(f"  {fw:25s} loaded, first call {res['first_call_s']:.2f}s", flush=True)
         for fw, w in workers.items():
             for _ in range(max(0, args.warmup - 1)):
                 w.call(_time_once)
         # timed rounds, interleaved (order rotated every round) so drifting background load hits all alike
-        times = {fw: [] for fw in frameworks}
-        loads = []
-        for r in range(args.repeats):
-            loads.append(round(os.getloadavg()[0], 2))
-            order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
-            for fw in order:
-                times[fw].append(workers[fw].call(_time_once))
-            print(f"  round {r + 1}/{args.repeats}: " + ", ".join(f"{fw} {times[fw][-1]:.2f}s" for fw in frameworks),
-                  flush=True)
+        loads = [round(os.getloadavg()[0], 2)]
+        times = _timed_rounds({fw: (workers[fw], "run") for fw in frameworks}, args.repeats)
+        loads.append(round(os.getloadavg()[0], 2))
         for fw, w in workers.items():
             res = results[fw]
-            res["times_s"] = times[fw]
-            res["median_s"] = statistics.median(times[fw])
-            res["min_s"] = min(times[fw])
+            wall = [t[0] for t in times[fw]]
+            cpu = [t[1] for t in times[fw]]
+            res["times_s"], res["cpu_times_s"] = wall, cpu
+            res["median_s"] = statistics.median(wall)
+            res["min_s"] = min(wall)
+            res["median_cpu_s"] = statistics.median(cpu)
             res["tokens_per_s"] = tokens / res["median_s"]
             if fw.startswith("jaxflow"):
                 res["compile_s"] = res["first_call_s"] - res["median_s"]
-            res["peak_rss_mb"] = w.peak_rss_mb()
+            res["peak_rss_mb"] = w.peak_rss_mb()  # before the breakdown compiles anything more
+        breakdown = {}
+        if args.breakdown:  # pieces of the fused/sdpa forwards, in the same workers, interleaved too
+            calls = {}
+            for fw, setup in (("jaxflow-fused", _setup_breakdown_jaxflow), ("torch-sdpa", _setup_breakdown_torch),
+                              ("jaxflow-fused+malloc", _setup_breakdown_jaxflow),
+                              ("torch-sdpa+malloc", _setup_breakdown_torch)):
+                if fw in workers:
+                    for name in workers[fw].call(setup):
+                        calls[f"{fw}: {name}"] = (workers[fw], name)
+            print("breakdown:", flush=True)
+            bt = _timed_rounds(calls, args.repeats, "breakdown round")
+            for key, ts in bt.items():
+                fw, name = key.split(": ", 1)
+                breakdown.setdefault(fw, {})[name] = {"median_s": statistics.median(t[0] for t in ts),
+                                                      "min_s": min(t[0] for t in ts),
+                                                      "median_cpu_s": statistics.median(t[1] for t in ts)}
     finally:
         for w in workers.values():
             w.close()
@@ -300,38 +339,34 @@ def main(argv=None):
     ref = "torch-eager" if "torch-eager" in logits_paths else next(iter(logits_paths))
     diffs = _diffs(logits_paths, ref)
 
-    breakdown = {}
-    if args.breakdown:
-        breakdown["jaxflow-fused"], _ = common.run_isolated(_breakdown_jaxflow, prep["ckpt"], args.batch,
-                                                            args.text_tokens, args.repeats)
-        breakdown["torch-sdpa"], _ = common.run_isolated(_breakdown_torch, prep["hf_dir"], args.batch,
-                                                         args.text_tokens, args.repeats, args.threads)
-
     # ---------------------------------------------------------------- report
-    def ratio(a, b):
+    def ratio(a, b):  # b: the torch baseline in the same malloc setting as a
+        b = b + ("+malloc" if a.endswith("+malloc") else "")
         if a in results and b in results:
             return results[a]["tokens_per_s"] / results[b]["tokens_per_s"]
         return None
 
     print()
-    hdr = f"{'framework':18s} {'s/forward':>10s} {'tokens/s':>10s} {'/sdpa':>7s} {'/eager':>7s} " \
-          f"{'compile s':>10s} {'peak RSS MiB':>13s} {'max|dlogit|':>12s}"
+    hdr = f"{'framework':25s} {'s/forward':>10s} {'best s':>7s} {'cpu s':>7s} {'tokens/s':>9s} {'/sdpa':>6s} " \
+          f"{'/eager':>6s} {'compile s':>9s} {'peak RSS MiB':>12s} {'max|dlogit|':>11s}"
     print(hdr)
     print("-" * len(hdr))
     for fw, r in results.items():
         rs, re_ = ratio(fw, "torch-sdpa"), ratio(fw, "torch-eager")
         comp = f"{r['compile_s']:.2f}" if "compile_s" in r else "-"
         d = diffs.get(fw, {}).get("max_abs_diff") if fw != ref else 0.0
-        print(f"{fw:18s} {r['median_s']:10.3f} {r['tokens_per_s']:10.0f} "
-              f"{(f'{rs:.2f}' if rs else '-'):>7s} {(f'{re_:.2f}' if re_ else '-'):>7s} {comp:>10s} "
-              f"{r['peak_rss_mb']:13.0f} {d:12.2e}")
-    print(f"(logit diffs vs {ref}; max |logit| there {diffs['reference_max_abs_logit']:.3f}; "
-          f"ratios are tokens/s of the row over torch-sdpa / torch-eager)")
+        print(f"{fw:25s} {r['median_s']:10.3f} {r['min_s']:7.3f} {r['median_cpu_s']:7.2f} {r['tokens_per_s']:9.0f} "
+              f"{(f'{rs:.2f}' if rs else '-'):>6s} {(f'{re_:.2f}' if re_ else '-'):>6s} {comp:>9s} "
+              f"{r['peak_rss_mb']:12.0f} {d:11.2e}")
+    print(f"(s/forward = median wall, best = min wall, cpu = median process CPU s over all threads; logit "
+          f"diffs vs {ref}; max |logit| there {diffs['reference_max_abs_logit']:.3f}; ratios are "
+          "tokens/s of the row over torch-sdpa / torch-eager run with the same malloc setting; +malloc = "
+          f"{' '.join(f'{k}={v}' for k, v in common.TUNED_MALLOC_ENV.items())})")
     if breakdown:
-        print("\nbreakdown (steady-state median seconds, each piece jitted/run on its own):")
+        print("\nbreakdown (steady state, each piece jitted/run on its own): median wall s, min wall s, median cpu s")
         for fw, parts in breakdown.items():
-            for name, s in parts.items():
-                print(f"  {fw:14s} {name:36s} {s:8.3f}")
+            for name, st in parts.items():
+                print(f"  {fw:21s} {name:30s} {st['median_s']:8.3f} {st['min_s']:8.3f} {st['median_cpu_s']:8.2f}")
 
     report = {
         "benchmark": "forward", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -341,11 +376,13 @@ def main(argv=None):
                    "text": common.TEXT, "vision": common.VISION, "top": common.TOP},
         "environment": {**env, "python": platform.python_version(), "machine": platform.machine(),
                         "cpu_count": os.cpu_count()},
-        "prepare": {**prep, "converter_peak_rss_mb": prep_rss},
+        "prepare": dict(prep),
         "results": results,
-        "ratios": {f"{fw}/{base}": ratio(fw, base) for fw in results if fw.startswith("jaxflow")
-                   for base in ("torch-sdpa", "torch-eager")},
-        "loadavg_1min_per_round": loads, "logit_diffs": diffs, "breakdown_s": breakdown,
+        "ratios": {f"{fw} / {base}{'+malloc' if fw.endswith('+malloc') else ''}": ratio(fw, base)
+                   for fw in results if fw.startswith("jaxflow") for base in ("torch-sdpa", "torch-eager")
+                   if ratio(fw, base) is not None},
+        "tuned_malloc_env": common.TUNED_MALLOC_ENV,
+        "loadavg_1min_before_after": loads, "logit_diffs": diffs, "breakdown_s": breakdown,
         "wall_s": time.perf_counter() - t_start,
     }
     for k in ("hf_dir", "ckpt"):

@@ -168,7 +168,7 @@ def test_text_bucket_pads_without_changing_results(pair):
     b = jaxflow.truncation_sweep(jm, ids, pix, mask, layers=[0, 1], text_bucket=16)
     assert b.logits.shape[2] == 16 and b.mask[:, a.mask.shape[1]:].sum() == 0
     ta = a.mask.shape[1]
-    np.testing.assert_allclose(b.logits[:, :, :ta][:, a.mask], a.logits[:, a.mask], atol=1e-6)
+    np.testing.assert_allclose(b.logits[:, :, :ta][:, a.mask], a.logits[:, a.mask], atol=1e-5)
     np.testing.assert_array_equal(a.next_token, b.next_token)
     ga = jaxflow.truncation_generate(jm, ids, pix, mask, layers=[0, 1], max_new_tokens=4)
     gb = jaxflow.truncation_generate(jm, ids, pix, mask, layers=[0, 1], max_new_tokens=4, text_bucket=16)

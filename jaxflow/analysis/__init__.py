@@ -1,0 +1,5 @@
+"""The paper's instruments as pure, jit-compiled functions (see docs/analysis.md)."""
+# LLaVA-CAM, attention shares, information-flow saliency (issue 3)
+from jaxflow.analysis.attention import AttentionResult, attention_analysis, attention_shares
+from jaxflow.analysis.cam import CamResult, cam_site, llava_cam, llava_cam_per_token, llava_cams
+from jaxflow.analysis.flow import FlowResult, information_flow, saliency
