@@ -1,0 +1,248 @@
+"""Training the toy LLaVA on synthetic shapes VQA: optax AdamW, warm-up + cosine, clipping, orbax resume.
+
+The loss is the cross-entropy of the answer tokens (and the EOS after them) under teacher forcing,
+with the same forward that every analysis uses (`jaxflow.forward.forward_core`). A batch is a pure
+function of (seed, step) and the step is jit-compiled once, so a run resumed from its orbax
+checkpoint follows the same loss curve as one that never stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxflow.data.image import ImageSpec, preprocess_images
+from jaxflow.data.prompts import encode_batch, format_prompt
+from jaxflow.data.tiny_tokenizer import (TINY_BOS, TINY_EOS, TINY_IMAGE_TOKEN_ID, TINY_PAD, TINY_VOCAB_SIZE,
+                                         build_tiny_tokenizer)
+from jaxflow.forward import forward_core
+from jaxflow.models.config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from jaxflow.models.llava import Llava
+from jaxflow.toy import data as toy_data
+
+TEMPLATE = "llava_hf"  # "USER: <image>\n{q} ASSISTANT:": S = BOS, USER, ":" (short sequences train fast)
+
+
+def toy_config() -> LlavaConfig:
+    """LLaVA-1.5's architecture at toy size: 112 px, 8x8 grid, 4 vision and 4 decoder layers."""
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=96, intermediate_size=256, num_layers=4, num_heads=4,
+                            image_size=toy_data.IMAGE_SIZE, patch_size=14),
+        text=TextConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=512,
+                        rope=RopeConfig(theta=10000.0, original_max_position_embeddings=512),
+                        bos_token_id=TINY_BOS, eos_token_id=(TINY_EOS,), pad_token_id=TINY_PAD),
+        image_token_id=TINY_IMAGE_TOKEN_ID, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 150
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 250
+    eval_size: int = 256
+    save_every: int = 250
+
+
+def _spec():
+    return ImageSpec.for_size(toy_data.IMAGE_SIZE)
+
+
+def make_batch(examples, tokenizer, cfg: LlavaConfig) -> dict:
+    """Examples -> numpy arrays: input_ids/attention_mask (B, T) (right padded), loss_mask (B, T) True where
+    the token is predicted (answer tokens and the EOS after them), pixel_values (B, 3, H, W)."""
+    prompts = [format_prompt(e.question, TEMPLATE) for e in examples]
+    answers = [list(tokenizer(e.answer, add_special_tokens=False).input_ids) + [TINY_EOS] for e in examples]
+    enc = encode_batch(tokenizer, prompts, image_token="<image>", image_token_id=cfg.image_token_id,
+                       num_image_tokens=cfg.num_image_tokens, answers=answers, padding_side="right")
+    pixels = preprocess_images([e.image for e in examples], _spec())
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "loss_mask": enc.answer_mask,
+            "pixel_values": pixels}
+
+
+def answer_loss(model, batch):
+    """Mean cross-entropy of the answer tokens, and their token accuracy."""
+    out = forward_core(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    logits = out.logits[:, :-1]  # position p predicts token p + 1
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    loss = (nll * mask).sum() / mask.sum()
+    acc = ((logits.argmax(-1) == targets) * mask).sum() / mask.sum()
+    return loss, acc
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1), tc.lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(tc.clip), optax.adamw(sched, b1=0.9, b2=0.98,
+                                                                       weight_decay=tc.weight_decay))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnums=(0, 1))
+def train_step(params, opt_state, batch, *, graphdef, tx):
+    def loss_fn(p):
+        return answer_loss(nnx.merge(graphdef, p), batch)
+
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, acc
+
+
+class _Prefetch:
+    """Builds the batches of steps [start, stop) in a background thread (PIL and the tokenizer run
+    while the jitted step computes)."""
+
+    def __init__(self, fn, start, stop, depth=3):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.t = threading.Thread(target=self._run, args=(fn, start, stop), daemon=True)
+        self.t.start()
+
+    def _run(self, fn, start, stop):
+        for s in range(start, stop):
+            self.q.put(fn(s))
+
+    def get(self):
+        return self.q.get()
+
+
+def eval_examples(seed: int, n: int, kind: str = "existence") -> list:
+    """Held-out samples: a seed space disjoint from training's."""
+    return toy_data.examples(seed + 10_000_019, 0, n, kind=kind)
+
+
+@jax.jit
+def _first_token(model, ids, pixels, mask):
+    out = forward_core(model, ids, pixels, mask)
+    last = ids.shape[1] - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)
+    return out.logits[jnp.arange(ids.shape[0]), last].argmax(-1)
+
+
+def first_token_accuracy(model, examples, tokenizer, batch_size: int = 64) -> float:
+    """Share of samples whose greedy first answer token is the first token of the gold answer."""
+    cfg = model.config
+    right = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        enc = encode_batch(tokenizer, [format_prompt(e.question, TEMPLATE) for e in chunk], image_token="<image>",
+                           image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,
+                           padding_side="left")
+        pixels = preprocess_images([e.image for e in chunk], _spec())
+        pred = np.asarray(_first_token(model, jnp.asarray(enc.input_ids), jnp.asarray(pixels),
+                                       jnp.asarray(enc.attention_mask)))
+        gold = [tokenizer(e.answer, add_special_tokens=False).input_ids[0] for e in chunk]
+        right += int((pred == np.asarray(gold)).sum())
+    return right / len(examples)
+
+
+def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True, progress: bool = True,
+          log=print, stop_after: int | None = None) -> dict:
+    """Trains (or resumes) the toy model; orbax checkpoints of params + optimizer state in
+    out_dir/train_state, a log in out_dir/log.jsonl. Returns {"model", "history", ...}.
+    stop_after: stop (as if interrupted) after that many steps of this call (for tests)."""
+    import orbax.checkpoint as ocp
+
+    cfg = toy_config()
+    tok = build_tiny_tokenizer()
+    model = Llava(cfg, rngs=nnx.Rngs(tc.seed))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    tx = optimizer(tc)
+    opt_state = tx.init(params)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "train_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(tc), f, indent=2)
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "train_state")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    start = 0
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if resume and mngr.latest_step() is not None:
+        start = int(mngr.latest_step())
+        target = {"params": params, "opt_state": opt_state}
+        restored = mngr.restore(start, args=ocp.args.StandardRestore(jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)))
+        params, opt_state = restored["params"], restored["opt_state"]
+        log(f"resumed from step {start}")
+        _truncate_log(log_path, start)
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    stop = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    fetch = _Prefetch(lambda s: make_batch(toy_data.examples(tc.seed, s, tc.batch_size), tok, cfg), start, stop)
+    held_out = eval_examples(tc.seed, tc.eval_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step")
+    history, t0 = [], time.perf_counter()
+    with open(log_path, "a") as logf:
+        for step in range(start, stop):
+            batch = {k: jnp.asarray(v) for k, v in fetch.get().items()}
+            params, opt_state, loss, acc = train_step(params, opt_state, batch, graphdef=graphdef, tx=tx)
+            rec = {"step": step + 1, "loss": float(loss), "token_acc": float(acc),
+                   "elapsed_s": time.perf_counter() - t0}
+            if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
+                rec["existence_acc"] = first_token_accuracy(nnx.merge(graphdef, params), held_out, tok)
+            history.append(rec)
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['token_acc']:.2f}",
+                                **({"exist": f"{rec['existence_acc']:.3f}"} if "existence_acc" in rec else {}))
+            if (step + 1) % tc.save_every == 0 or step + 1 == stop:
+                mngr.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    mngr.wait_until_finished()
+    mngr.close()
+    if bar is not None:
+        bar.close()
+    return {"model": nnx.merge(graphdef, params), "history": history, "tokenizer": tok, "steps_done": stop}
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Keeps the log's records up to `step` (a resumed run rewrites what came after)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [l for l in f if l.strip() and l.endswith("\n") and json.loads(l)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def ship(model: Llava, tokenizer, path: str, *, overwrite: bool = True, meta: dict | None = None) -> str:
+    """Writes the model as a jaxflow checkpoint (what convert_checkpoint.py writes) with its tokenizer,
+    image-processor settings and a toy.json describing the task, so `jaxflow.load` and
+    `pipeline.load_bundle` read it like any converted LLaVA."""
+    spec = _spec()
+    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": spec.shortest_edge},
+           "do_center_crop": True, "crop_size": {"height": spec.crop_size[0], "width": spec.crop_size[1]},
+           "do_rescale": True, "rescale_factor": spec.rescale_factor, "do_normalize": True,
+           "image_mean": list(spec.image_mean), "image_std": list(spec.image_std), "resample": spec.resample,
+           "do_convert_rgb": True}
+    toy = {"task": "synthetic shapes VQA (jaxflow.toy.data)", "template": TEMPLATE, "colors": list(toy_data.COLORS),
+           "shapes": list(toy_data.SHAPES), **(meta or {})}
+    import tempfile
+
+    from jaxflow.convert.checkpoint import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return save_model(model, path, overwrite=overwrite, sidecar_dir=tmp,
+                          extra_files={"preprocessor_config.json": json.dumps(pre, indent=2),
+                                       "toy.json": json.dumps(toy, indent=2)})
