@@ -5,6 +5,8 @@ Public entry points (see shared DESIGN.md section 5):
     out = jaxflow.forward(model, input_ids, pixel_values, attention_mask=None)   # out.logits (B, T, V)
     gen = jaxflow.generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=32)
 """
+from jaxflow.analysis import (AttentionResult, CamResult, FlowResult, attention_analysis, attention_shares, cam_site,
+                              information_flow, llava_cam, llava_cam_per_token, llava_cams, saliency)
 from jaxflow.analysis.truncation import (SweepOutput, TruncationGenerateOutput, truncation_generate,
                                          truncation_sweep)
 from jaxflow.convert import convert_checkpoint, load, load_tokenizer, save_model
@@ -19,4 +21,6 @@ __all__ = [
     "Llava", "LlavaConfig", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint",
     "forward", "ForwardOutput", "image_features", "generate", "GenerateOutput",
     "truncation_sweep", "SweepOutput", "truncation_generate", "TruncationGenerateOutput",
+    "llava_cam", "llava_cams", "llava_cam_per_token", "cam_site", "CamResult", "attention_shares",
+    "attention_analysis", "AttentionResult", "information_flow", "saliency", "FlowResult",
 ]
