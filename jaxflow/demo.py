@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -20,8 +22,11 @@ def model_view(pixels: np.ndarray, spec) -> Image.Image:
     return Image.fromarray(rgb.transpose(1, 2, 0))
 
 
-def run_demo(checkpoint, image, question, *, out, template="vicuna_v1", max_new_tokens=16, pad_square=False):
-    """Greedy answer + S/T/U/A spans; writes summary.json and model_input.png into `out`."""
+def run_demo(checkpoint, image, question, *, out, template="vicuna_v1", max_new_tokens=16, pad_square=False,
+             analyses=True, progress=print):
+    """Greedy answer + S/T/U/A spans (summary.json, model_input.png in `out`); with `analyses`, also
+    every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`) and the truncation sweep
+    (`out/truncation`)."""
     from jaxflow.convert import CheckpointError
 
     if not question or not question.strip():
@@ -39,13 +44,44 @@ def run_demo(checkpoint, image, question, *, out, template="vicuna_v1", max_new_
     text, ids = ans.texts[0], ans.token_ids[0]
     batch, pixels = encode(bundle, [image], [question], [ids] if ids else None, pad_square=pad_square)
     spans = spans_summary(batch, bundle.config.image_token_id)
-    os.makedirs(out, exist_ok=True)
+    final = os.path.abspath(out)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    out = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=os.path.dirname(final))
+    try:
+        return _write_demo(out, final, bundle, image, question, template, text, ids, batch, pixels, spans,
+                           checkpoint, max_new_tokens, pad_square, analyses, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_demo(out, final, bundle, image, question, template, text, ids, batch, pixels, spans, checkpoint,
+                max_new_tokens, pad_square, analyses, progress):
     model_view(pixels[0], bundle.image_spec).save(os.path.join(out, "model_input.png"))
     result = {
         "model": bundle.name, "image": os.path.abspath(image), "question": question, "template": template,
         "answer": text, "answer_ids": ids, "input_ids": batch.input_ids[0].tolist(), "spans": spans,
         "num_image_tokens": bundle.config.num_image_tokens, "grid": list(bundle.config.grid_hw),
-        "out": os.path.abspath(out),
+        "out": final,
     }
+    if analyses:
+        from jaxflow.analysis.sweep_report import run_sweep_report
+        from jaxflow.viz.report import AnalyzeError, run_analysis
+
+        try:
+            run_analysis(checkpoint, image, question, out=os.path.join(out, "analysis"), template=template,
+                         max_new_tokens=max_new_tokens, pad_square=pad_square, progress=progress)
+            if progress:
+                progress("truncation sweep: every cut layer K")
+            report, _ = run_sweep_report(checkpoint, image, question, out=os.path.join(out, "truncation"),
+                                         template=template, max_new_tokens=max_new_tokens, pad_square=pad_square)
+        except (AnalyzeError, ValueError) as e:
+            raise DemoError(str(e)) from e
+        result["analysis"] = os.path.join(result["out"], "analysis")
+        result["truncation"] = {"out": os.path.join(result["out"], "truncation"), "cliff_layer": report.cliff,
+                                "answers": dict(zip(map(int, report.layers), report.answers))}
     write_json(os.path.join(out, "summary.json"), result)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(out, final)
     return result

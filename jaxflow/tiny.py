@@ -5,6 +5,7 @@ decoder with GQA) at toy sizes: a 112 px image gives an 8x8 grid of 64 image tok
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax.numpy as jnp
@@ -33,8 +34,10 @@ def tiny_config() -> LlavaConfig:
     )
 
 
+@functools.lru_cache(maxsize=4)
 def tiny_model(seed: int = 0, dtype=jnp.float32) -> Llava:
-    """The tiny random model; the same seed gives the same weights on every machine."""
+    """The tiny random model; the same seed gives the same weights on every machine. Built once per
+    process (jaxflow's functions never modify a model)."""
     return Llava(tiny_config(), rngs=nnx.Rngs(seed), dtype=dtype)
 
 

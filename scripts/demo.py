@@ -1,4 +1,5 @@
-"""Runs a LLaVA model on one image and question: greedy answer and token-group spans.
+"""Runs a LLaVA model on one image and question: greedy answer, token-group spans, and (unless
+--noanalyses) every instrument: LLaVA-CAM per layer, attention shares, information flow, truncation sweep.
 
 With no flags it uses the embedded tiny random model and the bundled image (no downloads):
     python scripts/demo.py
@@ -15,7 +16,8 @@ flags.DEFINE_string("question", "What shapes are in the image?", "the question")
 flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "llava_hf"], "prompt template")
 flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit")
 flags.DEFINE_bool("pad_square", False, "pad the image to a square with the mean colour (original LLaVA eval)")
-flags.DEFINE_string("out", "outputs/demo", "folder for summary.json and the model's view of the image")
+flags.DEFINE_bool("analyses", True, "also run LLaVA-CAM, attention shares, flows and the truncation sweep")
+flags.DEFINE_string("out", "outputs/demo", "output folder: summary.json, model_input.png, analysis/, truncation/")
 FLAGS = flags.FLAGS
 
 
@@ -28,7 +30,7 @@ def main(argv):
     try:
         result = run_demo(FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question, out=FLAGS.out,
                           template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens,
-                          pad_square=FLAGS.pad_square)
+                          pad_square=FLAGS.pad_square, analyses=FLAGS.analyses)
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -38,6 +40,11 @@ def main(argv):
     print("token groups [start, end) per row (S system, T image, U user, A answer):")
     for g, r in result["spans"][0].items():
         print(f"  {g:7s} {r}")
+    if "truncation" in result:
+        print(f"truncation: cliff layer {result['truncation']['cliff_layer']}; answers by cut layer K:")
+        for k, a in result["truncation"]["answers"].items():
+            print(f"  K={k:<3d} {a!r}")
+        print(f"figures: {result['analysis']}/*.png, {result['truncation']['out']}/sweep.png")
     print(f"wrote {os.path.join(result['out'], 'summary.json')} and model_input.png")
 
 

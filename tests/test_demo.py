@@ -64,10 +64,18 @@ def test_demo_script_default(tmp_path):
     gen = jaxflow.generate(bundle.model, batch.input_ids, pixels, batch.attention_mask, max_new_tokens=16)
     assert gen.tokens[0, :len(summary["answer_ids"])].tolist() == summary["answer_ids"]
     assert "answer:" in res.stdout and "wrote" in res.stdout
+    # the analyses: every figure and the truncation report
+    for name in ("cam_paper.png", "cam_gradcam.png", "attention_shares.png", "image_attention.png", "flows.png",
+                 "arrays.npz", "summary.json"):
+        assert (out / "analysis" / name).stat().st_size > 1000, name
+    trunc = json.loads((out / "truncation" / "answers.json").read_text())
+    assert trunc["layers"] == [0, 1, 2, 3, 4] and trunc["answers"][-1] == summary["answer"]
+    assert summary["truncation"]["cliff_layer"] == trunc["cliff_layer"]
 
 
 def test_demo_script_bad_inputs(tmp_path):
     for args, phrase in ((["--image=/nonexistent.png"], "image not found"),
+                         (["--question=Hi", "--analyses", "--max_new_tokens=0"], "max_new_tokens"),
                          (["--question= "], "question is empty"),
                          ([f"--checkpoint={tmp_path}/missing"], "checkpoint not found")):
         res = _run(*args, f"--out={tmp_path}/o")
