@@ -12,7 +12,9 @@ attention_layer{K}.png, image_attention.png, flows.png, model_input.png, arrays.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from jaxflow.cli import run
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
@@ -68,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

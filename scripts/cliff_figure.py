@@ -9,7 +9,9 @@ summary.json). See docs/evaluation.md for the cliff-layer definition.
 """
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from jaxflow.cli import run
 
 flags.DEFINE_list("runs", None, "comma-separated run directories (or folders holding them)")
 flags.DEFINE_string("out", "outputs/eval/cliffs.png", "the PNG to write")
@@ -40,13 +42,5 @@ def main(argv):
     print(f"wrote {res['path']}")
 
 
-def parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run(main)

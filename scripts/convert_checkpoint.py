@@ -5,7 +5,9 @@
 """
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from jaxflow.cli import run
 
 flags.DEFINE_string("hf_dir", None, "transformers LLaVA directory: config.json + *.safetensors (sharded or not)")
 flags.DEFINE_string("out", None, "output checkpoint directory, e.g. checkpoints/llava-1.5-7b")
@@ -29,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

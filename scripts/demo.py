@@ -8,7 +8,9 @@ With no flags it uses the embedded tiny random model and the bundled image (no d
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from jaxflow.cli import run
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
@@ -49,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -11,7 +11,9 @@ Re-running the same command resumes. See docs/evaluation.md.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from jaxflow.cli import run
 
 flags.DEFINE_enum("dataset", None, ["pope", "textvqa", "scienceqa", "chair"], "the benchmark")
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
@@ -90,14 +92,5 @@ def main(argv):
                                 res.files["figure"])))
 
 
-def parse_flags(argv):
-    """absl's parser, with a flag error reported like the others: one line, exit code 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run(main)

@@ -8,7 +8,9 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from jaxflow.cli import run
 
 flags.DEFINE_string("out", "outputs/toy_train", "training folder: orbax train state, log.jsonl")
 flags.DEFINE_integer("steps", 3000, "optimizer steps")
@@ -50,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

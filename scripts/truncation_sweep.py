@@ -8,7 +8,9 @@ every K at once; plot the answer's probability against K with the cliff layer ma
 import math
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from jaxflow.cli import run
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
@@ -48,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)
