@@ -112,8 +112,6 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     else:
         ids, mask = left_align(ids, mask)
         keep = None
-    if ids.shape[1] + max_new_tokens > cfg.text.max_position_embeddings and cfg.text.rope.rope_type != "dynamic":
-        pass  # allowed, as in transformers; positions beyond the trained range are the user's choice
     eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
     eos = np.atleast_1d(np.asarray(eos if eos is not None and np.size(eos) else [-1], np.int32))
     pad = pad_token_id if pad_token_id is not None else (cfg.text.pad_token_id if cfg.text.pad_token_id

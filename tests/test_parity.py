@@ -106,3 +106,31 @@ def test_bfloat16_checkpoint_converts_without_torch(tmp_path):
     lo = np.asarray(jaxflow.forward(jm, ids, pix, mask).logits)
     want_logits = _torch_forward(hf.float(), ids, mask, pix)
     assert np.abs(lo - want_logits)[mask.astype(bool)].max() < 0.1
+
+
+def test_causal_query_blocks_are_exact(pair, monkeypatch):
+    """Full-sequence attention runs in causal query blocks; force several blocks on short inputs."""
+    import jax
+
+    import jaxflow.models.llama as llama
+
+    case, hf, jm = pair
+    ids, mask, pix = R.batch_inputs(case, seed=9, padding="left")
+    want = _torch_forward(hf, ids, mask, pix)
+    unblocked = {impl: np.asarray(jaxflow.forward(jm, ids, pix, mask, attn_impl=impl).logits)
+                 for impl in ("fused", "reference")}
+    monkeypatch.setattr(llama, "CAUSAL_BLOCK", 4)
+    jax.clear_caches()
+    try:
+        real = mask.astype(bool)
+        assert ids.shape[1] > 3 * 4  # at least 4 blocks
+        for impl in ("fused", "reference"):
+            got = np.asarray(jaxflow.forward(jm, ids, pix, mask, attn_impl=impl).logits)
+            assert np.abs(got - want)[real].max() <= TOL
+            assert np.abs(got - unblocked[impl])[real].max() <= 1e-5
+        gen = jaxflow.generate(jm, ids, pix, mask, max_new_tokens=6)  # prefill in blocks
+        monkeypatch.setattr(llama, "CAUSAL_BLOCK", 10_000)
+        jax.clear_caches()
+        np.testing.assert_array_equal(gen.tokens, jaxflow.generate(jm, ids, pix, mask, max_new_tokens=6).tokens)
+    finally:
+        jax.clear_caches()

@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxflow.convert.checkpoint import (DTYPES, CheckpointError, abstract_params, load, load_tokenizer,
                                         save_model, write_checkpoint)
-from jaxflow.convert.hf import ConversionError, canonical_key, convert_params
+from jaxflow.convert.hf import ConversionError, canonical_key, iter_params
 from jaxflow.models.config import ConfigError, from_hf_dict
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -42,14 +42,22 @@ def convert_checkpoint(hf_dir: str, out: str, dtype: str = "float32", *, overwri
         from tqdm import tqdm
 
         bar = tqdm(total=sum(1 for _ in _leaves(target)), desc="converting", unit="tensor")
+    # validation (names, shapes) happens before the first parameter is yielded, so a bad directory
+    # fails before anything is written; then each parameter is converted, written and dropped
+    params = iter_params(hf_dir, cfg, target, _NP_DTYPES[dtype], progress=(lambda _: bar.update(1)) if bar else None)
     try:
-        params = convert_params(hf_dir, cfg, target, _NP_DTYPES[dtype],
-                                progress=(lambda _: bar.update(1)) if bar else None)
+        first = next(params)
+        stream = _chain_first(first, params)
+        return write_checkpoint(out, cfg_dict, stream, dtype, source=os.path.abspath(hf_dir), sidecar_dir=hf_dir,
+                                overwrite=overwrite)
     finally:
         if bar is not None:
             bar.close()
-    return write_checkpoint(out, cfg_dict, params, dtype, source=os.path.abspath(hf_dir), sidecar_dir=hf_dir,
-                            overwrite=overwrite)
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
 
 
 def _leaves(tree):

@@ -3,7 +3,8 @@
 Layout of `checkpoints/NAME/`:
     config.json                 the transformers LLaVA config (the model is rebuilt from it)
     jaxflow.json                format marker, written last: a directory without it is not a checkpoint
-    params/                     orbax StandardCheckpointer tree, same structure as the Llava module's Params
+    params/<dotted.path>/       one orbax item per parameter (e.g. params/language_model.layers.mlp.up_proj.kernel),
+                                written and restored one at a time so host memory stays near 1x the weights
     tokenizer*, special_tokens_map.json, preprocessor_config.json, ...   copied from the source
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place.
 """
@@ -24,7 +25,7 @@ from jaxflow.models.config import ConfigError, LlavaConfig, load_config
 from jaxflow.models.llava import Llava
 
 FORMAT = "jaxflow-llava"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "jaxflow.json"
 SIDECAR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -50,17 +51,31 @@ def model_params(model: Llava) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def _write_tree(path: str, tree: dict) -> None:
+def _leaves(tree: dict, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _write_params(path: str, params) -> None:
+    """params: a nested dict, or an iterable of (path tuple, array) consumed one at a time."""
     import orbax.checkpoint as ocp
 
+    items = _leaves(params) if isinstance(params, dict) else params
+    os.makedirs(path)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), tree)
-        ckptr.wait_until_finished()
+        for leaf_path, arr in items:
+            ckptr.save(os.path.join(os.path.abspath(path), ".".join(leaf_path)), {"value": arr})
+            ckptr.wait_until_finished()
+            del arr
 
 
 def write_checkpoint(out: str, cfg_dict: dict, params: dict, dtype_name: str, *, source: str = "",
                      sidecar_dir: str | None = None, overwrite: bool = False, extra_files: dict | None = None) -> str:
-    """Writes a checkpoint atomically at `out`. `params` is the pure dict tree (numpy or jax arrays)."""
+    """Writes a checkpoint atomically at `out`. `params`: the pure dict tree (numpy or jax arrays), or
+    an iterable of (path tuple, array) pairs written and dropped one at a time (streaming)."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
@@ -78,7 +93,7 @@ def write_checkpoint(out: str, cfg_dict: dict, params: dict, dtype_name: str, *,
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
-        _write_tree(os.path.join(tmp, "params"), params)
+        _write_params(os.path.join(tmp, "params"), params)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name, "source": source,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
@@ -137,13 +152,20 @@ def load(path: str, dtype: str | None = None) -> Llava:
         raise CheckpointError(f"{path}: {e}") from e
     stored = DTYPES.get(meta.get("dtype", "float32"), jnp.float32)
     graphdef, state, target = abstract_params(cfg, stored)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(path, "params"), target)
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-        raise CheckpointError(f"cannot restore the parameters in {path}/params: {e}") from e
     want = DTYPES[dtype] if dtype is not None else None
-    restored = jax.tree.map(lambda a: jnp.asarray(a, want) if want is not None else jnp.asarray(a), restored)
+    restored: dict = {}
+    with ocp.StandardCheckpointer() as ckptr:
+        for leaf_path, spec in _leaves(target):  # one parameter at a time: host memory ~ 1x the weights
+            item = os.path.join(path, "params", ".".join(leaf_path))
+            try:
+                arr = ckptr.restore(item, {"value": spec})["value"]
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                raise CheckpointError(f"cannot restore {item}: {e}") from e
+            node = restored
+            for k in leaf_path[:-1]:
+                node = node.setdefault(k, {})
+            node[leaf_path[-1]] = jnp.asarray(arr, want) if want is not None else jnp.asarray(arr)
+            del arr
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     return model

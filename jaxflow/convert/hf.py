@@ -163,10 +163,20 @@ class _Reader:
 
 
 def convert_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=None) -> dict:
-    """Reads the HF tensors into a nested dict shaped like `abstract` (a pure dict of ShapeDtypeStruct).
+    """Reads the HF tensors into a nested dict shaped like `abstract` (all in memory at once; the
+    converter streams with `iter_params` instead)."""
+    out: dict = {}
+    for path, arr in iter_params(hf_dir, cfg, abstract, dtype, progress):
+        _set(out, path, arr)
+    return out
 
-    Raises ConversionError listing missing keys, unused keys or shape mismatches (all found before
-    any large allocation).
+
+def iter_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=None):
+    """Yields (path, array) for every parameter of `abstract` (a pure dict of ShapeDtypeStruct), one
+    at a time, so a writer can store and drop each before the next is read.
+
+    Raises ConversionError listing missing keys, unused keys or shape mismatches, all found from the
+    file headers before any tensor data is read.
     """
     from safetensors import safe_open
 
@@ -220,7 +230,6 @@ def convert_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progres
         raise ConversionError(f"{len(bad)} tensor(s) with the wrong shape: " + "; ".join(bad[:6]))
 
     reader = _Reader()
-    out: dict = {}
     try:
         for path, spec, src in plan:
             arr = np.empty(spec.shape, dtype)
@@ -230,12 +239,12 @@ def convert_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progres
                     arr[i] = t.astype(dtype, copy=False)
                 else:
                     arr[...] = t.astype(dtype, copy=False)
-            _set(out, path, arr)
+            yield path, arr
+            del arr
             if progress is not None:
                 progress(".".join(path))
     finally:
         reader.close()
-    return out
 
 
 def _untransform_shape(src: Source, shape):

@@ -15,6 +15,7 @@ from flax import nnx
 from jaxflow.models.config import RopeConfig, TextConfig
 
 ATTN_IMPLS = ("fused", "reference")
+CAUSAL_BLOCK = 128  # query block of the causal attention in full-sequence passes
 _NEG = -1e30  # finite "minus infinity": fully masked rows give a uniform row, never NaN
 
 
@@ -140,8 +141,21 @@ def attention_probs(q, k, allowed, scale: float):
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attend(q, k, v, allowed, *, impl: str, scale: float):
-    """q (B, Q, H, hd), k/v (B, S, KVH, hd), allowed (B, Q, S) bool -> (B, Q, H, hd)."""
+def attend(q, k, v, allowed, *, impl: str, scale: float, causal_block: int | None = None):
+    """q (B, Q, H, hd), k/v (B, S, KVH, hd), allowed (B, Q, S) bool -> (B, Q, H, hd).
+
+    causal_block: when query t sits at key slot t and `allowed` is causal (never a key after its
+    query), queries are processed in blocks of this size, each against the keys up to its end only:
+    exact, and it skips the masked upper triangle of the scores.
+    """
+    nq = q.shape[1]
+    if causal_block and nq > causal_block:
+        outs = []
+        for start in range(0, nq, causal_block):
+            end = min(start + causal_block, nq)
+            outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], allowed[:, start:end, :end], impl=impl,
+                               scale=scale))
+        return jnp.concatenate(outs, axis=1)
     if impl == "fused":
         return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
     if impl != "reference":

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxflow.models.config import TextConfig
-from jaxflow.models.layers import Linear, RMSNorm, apply_rope, attend, attention_probs, normal_init, repeat_kv
+from jaxflow.models.layers import (CAUSAL_BLOCK, Linear, RMSNorm, apply_rope, attend, attention_probs, normal_init,
+                                   repeat_kv)
 
 CAPTURES = ("residual", "mlp_in", "kv")
 
@@ -124,6 +125,9 @@ class LlamaModel(nnx.Module):
         if attn_row_delta is not None:
             xs["attn_row_delta"] = attn_row_delta
         truncating = image_keys is not None and truncate_at is not None
+        # queries at slots 0..T-1 (no cache, or a prefill written at slot 0): attention is causal in
+        # slot order, so query blocks need only the keys up to their end
+        block = CAUSAL_BLOCK if (cache is None or (isinstance(write_index, int) and write_index == 0)) else None
         bidx_all = jnp.arange(x.shape[0])[:, None]
 
         def body(carry, xs_l):
@@ -145,7 +149,7 @@ class LlamaModel(nnx.Module):
                 kv = {"k": jax.lax.dynamic_update_index_in_dim(kv["k"], ck, li, 0),
                       "v": jax.lax.dynamic_update_index_in_dim(kv["v"], cv, li, 0)}
                 k, v = ck, cv
-            o = attend(q, k, v, ok, impl=impl, scale=scale)  # (B, T, H, hd)
+            o = attend(q, k, v, ok, impl=impl, scale=scale, causal_block=block)  # (B, T, H, hd)
             ys = {}
             if attn_rows is not None:
                 bidx = jnp.arange(q.shape[0])[:, None]
