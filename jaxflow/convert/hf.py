@@ -141,25 +141,21 @@ def index_safetensors(hf_dir: str) -> dict[str, str]:
 
 
 class _Reader:
-    """Opens each safetensors file once and reads tensors on demand."""
-
-    def __init__(self):
-        self._open = {}
+    """Reads one tensor at a time. safetensors memory-maps the file; opening it per tensor releases
+    the mapping after each read, so pages already copied out do not stay resident."""
 
     def get(self, path: str, key_lookup: dict[str, str], canon: str) -> np.ndarray:
         from safetensors import safe_open
 
-        if path not in self._open:
-            self._open[path] = safe_open(path, framework="np")
-        f = self._open[path]
         raw = key_lookup[canon]
         try:
-            return f.get_tensor(raw)
+            with safe_open(path, framework="np") as f:
+                return f.get_tensor(raw)
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"cannot read tensor {raw!r} from {path}: {e} (truncated or corrupt file?)") from e
 
     def close(self):
-        self._open.clear()
+        pass
 
 
 def convert_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=None) -> dict:

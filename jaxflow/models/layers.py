@@ -150,6 +150,8 @@ def attend(q, k, v, allowed, *, impl: str, scale: float, causal_block: int | Non
     """
     nq = q.shape[1]
     if causal_block and nq > causal_block:
+        if impl == "reference":  # heads-first once, then every block is a plain batched matmul
+            return _reference_blocked(q, k, v, allowed, scale, causal_block)
         outs = []
         for start in range(0, nq, causal_block):
             end = min(start + causal_block, nq)
@@ -162,3 +164,21 @@ def attend(q, k, v, allowed, *, impl: str, scale: float, causal_block: int | Non
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     probs = attention_probs(q, k, allowed, scale).astype(v.dtype)
     return jnp.einsum("bhqs,bshd->bqhd", probs, repeat_kv(v, q.shape[2] // v.shape[2]))
+
+
+def _reference_blocked(q, k, v, allowed, scale, block):
+    """Reference attention in causal query blocks, heads-first layout (B, H, T, hd) throughout."""
+    b, nq, h, hd = q.shape
+    g = k.shape[2]
+    qh = q.transpose(0, 2, 1, 3).reshape(b, g, h // g, nq, hd)  # head h reads kv head h // (H / KVH)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KVH, S, hd)
+    outs = []
+    for start in range(0, nq, block):
+        end = min(start + block, nq)
+        sc = jnp.einsum("bgrqd,bgsd->bgrqs", qh[:, :, :, start:end], kh[:, :, :end],
+                        preferred_element_type=jnp.float32) * scale
+        sc = jnp.where(allowed[:, None, None, start:end, :end], sc, _NEG)
+        p = jax.nn.softmax(sc, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bgrqs,bgsd->bgrqd", p, vh[:, :, :end]))
+    o = jnp.concatenate(outs, axis=3)  # (B, KVH, R, Q, hd)
+    return o.reshape(b, h, nq, hd).transpose(0, 2, 1, 3)
