@@ -16,5 +16,12 @@ def parse_flags(argv):
 
 
 def run(main) -> None:
-    """app.run(main) with `parse_flags`."""
-    app.run(main, flags_parser=parse_flags)
+    """app.run(main) with `parse_flags`; stray positional arguments are an error too."""
+    def checked(argv):
+        if len(argv) > 1:
+            print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)",
+                  file=sys.stderr)
+            sys.exit(2)
+        return main(argv)
+
+    app.run(checked, flags_parser=parse_flags)

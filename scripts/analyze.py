@@ -40,9 +40,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
     logging.set_verbosity(logging.WARNING)
     from jaxflow import tiny
     from jaxflow.viz.report import AnalyzeError, run_analysis

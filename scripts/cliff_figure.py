@@ -21,9 +21,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
     if not FLAGS.runs:
         print("error: --runs is required (run directories of scripts/evaluate.py)", file=sys.stderr)
         sys.exit(2)

@@ -41,9 +41,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
     logging.set_verbosity(logging.WARNING)
     if FLAGS.dataset is None:
         print("error: --dataset is required (pope, textvqa, scienceqa or chair)", file=sys.stderr)
