@@ -38,6 +38,17 @@ def left_align(input_ids, attention_mask, *companions):
     return tuple(arrays)
 
 
+def stop_tokens(cfg, eos_token_id=None, pad_token_id=None) -> tuple[np.ndarray, int]:
+    """(EOS ids (n,) int32, pad id): the given ones, else the config's; no EOS -> [-1] (never matches),
+    pad falls back to the config's pad, then the first EOS, then 0."""
+    eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
+    eos = np.atleast_1d(np.asarray(eos if eos is not None and np.size(eos) else [-1], np.int32))
+    if pad_token_id is not None:
+        return eos, int(pad_token_id)
+    pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else int(eos[0]) if eos[0] >= 0 else 0
+    return eos, int(pad)
+
+
 def decode_step(model: Llava, cache, tokens, positions, key_valid, write_index, *, impl, image_keys=None,
                 truncate_at=None):
     """One cached step: tokens (B, 1) at positions (B, 1), keys valid (B, S) -> logits (B, V), cache."""
@@ -112,10 +123,7 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     else:
         ids, mask = left_align(ids, mask)
         keep = None
-    eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
-    eos = np.atleast_1d(np.asarray(eos if eos is not None and np.size(eos) else [-1], np.int32))
-    pad = pad_token_id if pad_token_id is not None else (cfg.text.pad_token_id if cfg.text.pad_token_id
-                                                         is not None else int(eos[0]) if eos[0] >= 0 else 0)
+    eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
     pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
     k = None if truncate_at is None else jnp.int32(truncate_at)
     tokens = np.asarray(_generate_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), jnp.asarray(eos),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxflow.forward import _check_impl, causal_allowed, position_ids, validate_inputs
-from jaxflow.generate import left_align
+from jaxflow.generate import left_align, stop_tokens
 from jaxflow.models.layers import _NEG, rope_cos_sin, rope_inv_freq
 from jaxflow.models.llava import Llava
 from flax import nnx
@@ -431,10 +431,7 @@ def truncation_generate(model: Llava, input_ids, pixel_values, attention_mask=No
     ids, mask, ks, lay = _prepare(model, ids, pixel_values, mask, layers, keep_top_k, chunks, attn_impl,
                                   text_bucket)
     cfg = model.config
-    eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
-    eos = np.atleast_1d(np.asarray(eos if eos is not None and np.size(eos) else [-1], np.int32))
-    pad = pad_token_id if pad_token_id is not None else (
-        cfg.text.pad_token_id if cfg.text.pad_token_id is not None else int(eos[0]) if eos[0] >= 0 else 0)
+    eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
     tokens = np.asarray(_generate_jit(
         model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
         jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
