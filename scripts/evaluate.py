@@ -1,8 +1,11 @@
-"""Evaluates a LLaVA model on POPE, TextVQA, ScienceQA-IMG or CHAIR under truncation: every cut layer
-K in one pass, per-item predictions as it goes (resumable), summary, CSV, figure and cliff layer.
+"""Evaluates a LLaVA model on POPE, TextVQA, ScienceQA-IMG or CHAIR (or the toy shapes sets) under
+truncation: every cut layer K in one pass, per-item predictions as it goes (resumable), summary, CSV,
+figure and cliff layer.
 
-Offline, on the embedded tiny random model and the bundled fixture data:
+Offline, on the embedded tiny random model and the bundled fixtures of a benchmark's file format:
     python scripts/evaluate.py --dataset pope
+or a generated held-out toy set (toy POPE / toy captions, see docs/toy.md):
+    python scripts/evaluate.py --dataset toy_pope --checkpoint outputs/toy_llava   # from train_toy.py --ship
 A real run:
     python scripts/evaluate.py --checkpoint checkpoints/llava-1.5-7b --dataset pope \\
         --data_dir data/pope --image_dir data/coco/val2014 --sweep all --batch_size 16 --out outputs/eval/pope
@@ -15,7 +18,8 @@ from absl import flags, logging
 
 from jaxflow.cli import run
 
-flags.DEFINE_enum("dataset", None, ["pope", "textvqa", "scienceqa", "chair"], "the benchmark")
+flags.DEFINE_enum("dataset", None, ["pope", "textvqa", "scienceqa", "chair", "toy_pope", "toy_caption"],
+                  "the benchmark (toy_pope / toy_caption: generated held-out toy shapes sets)")
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
 flags.DEFINE_string("data_dir", None, "the data set's annotation files (default: the bundled fixtures)")
 flags.DEFINE_string("image_dir", None, "the image folder (required with --data_dir)")
@@ -27,15 +31,17 @@ flags.DEFINE_string("out", None, "run directory (default: outputs/eval/{model}/{
 flags.DEFINE_bool("skip_bad", False, "skip bad records and unreadable images (logged, counted) instead of failing")
 flags.DEFINE_float("epsilon", 0.01, "cliff-layer tolerance: |metric(K') - metric(L)| <= epsilon for all K' >= cliff")
 flags.DEFINE_integer("max_new_tokens", None, "answer length limit (default: pope 8, textvqa 16, scienceqa 8, "
-                     "chair 128)")
+                     "chair 128, toy_pope 4, toy_caption 24)")
 flags.DEFINE_bool("overwrite", False, "delete the run directory's predictions and start over")
-flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "llava_hf"], "prompt template")
+flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
+                  "vicuna_v1 for converted LLaVA-1.5)")
 flags.DEFINE_bool("pad_square", False, "pad images to a square with the mean colour (original LLaVA eval)")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "cast the checkpoint to this dtype (default: as stored)")
 flags.DEFINE_bool("ocr", True, "textvqa: put the OCR tokens in the prompt (LLaVA-1.5's reported setting)")
 flags.DEFINE_string("pope_splits", None, "pope: comma-separated categories (default: all found)")
 flags.DEFINE_integer("n_images", 500, "chair: images sampled from COCO val2014")
-flags.DEFINE_integer("seed", 0, "chair: seed of the image sample")
+flags.DEFINE_integer("seed", 0, "chair: seed of the image sample; toy sets: seed of the generated data")
+flags.DEFINE_integer("toy_n", 100, "toy_pope: questions per POPE split; toy_caption: images")
 flags.DEFINE_bool("progress", True, "show a progress bar")
 FLAGS = flags.FLAGS
 
@@ -43,7 +49,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     if FLAGS.dataset is None:
-        print("error: --dataset is required (pope, textvqa, scienceqa or chair)", file=sys.stderr)
+        print("error: --dataset is required (pope, textvqa, scienceqa, chair, toy_pope or toy_caption)",
+              file=sys.stderr)
         sys.exit(2)
     from jaxflow.convert import CheckpointError
     from jaxflow.data.datasets import DatasetError
@@ -52,10 +59,12 @@ def main(argv):
     options = {}
     if FLAGS.dataset == "textvqa":
         options["ocr"] = FLAGS.ocr
-    elif FLAGS.dataset == "pope" and FLAGS.pope_splits:
+    elif FLAGS.dataset in ("pope", "toy_pope") and FLAGS.pope_splits:
         options["splits"] = FLAGS.pope_splits
     elif FLAGS.dataset == "chair":
         options["n_images"] = FLAGS.n_images
+    if FLAGS.dataset in ("toy_pope", "toy_caption") and FLAGS.data_dir is None:
+        options["n"] = FLAGS.toy_n
     cfg = EvalConfig(dataset=FLAGS.dataset, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
                      image_dir=FLAGS.image_dir, out=FLAGS.out, sweep=FLAGS.sweep, batch_size=FLAGS.batch_size,
                      limit=FLAGS.limit, max_new_tokens=FLAGS.max_new_tokens, epsilon=FLAGS.epsilon,

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from jaxflow.data.datasets import (CAPTION_PROMPT, DATASETS, DatasetError, Item, dataset_options, load_dataset)
+from jaxflow.data.datasets import (BENCHMARKS, CAPTION_PROMPT, DatasetError, Item, dataset_options, load_dataset)
 from jaxflow.data.fixtures import write_fixtures
 from jaxflow.data.prompts import format_prompt
 from jaxflow.metrics import score
@@ -48,7 +48,7 @@ def _edit_json(path: str, fn) -> None:
 
 def test_fixtures_small_and_complete(fixture_root):
     root, paths = fixture_root
-    assert set(paths) == set(DATASETS)
+    assert set(paths) == set(BENCHMARKS)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
     assert total < 200_000
     for data_dir, image_dir in paths.values():

@@ -36,23 +36,27 @@ from jaxflow.evaluation.records import (CURVE_PNG, PREDICTIONS, EvaluationError,
 
 log = logging.getLogger("jaxflow.evaluation")
 
-DATASETS = ("pope", "textvqa", "scienceqa", "chair")
+DATASETS = ("pope", "textvqa", "scienceqa", "chair", "toy_pope", "toy_caption")
+TOY_DATASETS = ("toy_pope", "toy_caption")  # generated held-out toy shapes sets (jaxflow.toy.sets)
 # Short answers for the VQA sets (LLaVA-1.5 answers "Yes" / "B" / a word or two, then EOS); CHAIR
 # captions are long. Override with max_new_tokens.
-DEFAULT_MAX_NEW_TOKENS = {"pope": 8, "textvqa": 16, "scienceqa": 8, "chair": 128}
+DEFAULT_MAX_NEW_TOKENS = {"pope": 8, "textvqa": 16, "scienceqa": 8, "chair": 128, "toy_pope": 4, "toy_caption": 24}
 
 
 @dataclasses.dataclass
 class EvalConfig:
     """What to evaluate and where to write it (the flags of scripts/evaluate.py).
 
-    dataset: pope | textvqa | scienceqa | chair. checkpoint: a jaxflow checkpoint directory (None:
-    the embedded tiny random model). data_dir / image_dir: the data set's files (both None: the
-    bundled fixtures, written under ``out/fixtures``). sweep: "all" (K = 0..L), "none" (the plain
+    dataset: pope | textvqa | scienceqa | chair | toy_pope | toy_caption. checkpoint: a jaxflow
+    checkpoint directory (None: the embedded tiny random model). data_dir / image_dir: the data
+    set's files (both None: the bundled fixtures, written under ``out/fixtures``; for the toy sets,
+    ``options["n"]`` (default 100) questions per POPE split or captions generated with ``seed``
+    under ``out/toy_data``). sweep: "all" (K = 0..L), "none" (the plain
     model only) or cut layers ("0,8,16" or a sequence of ints; L is added). out: the run directory
     (None: ``outputs/eval/{model}/{dataset}-{sweep}``). limit: the first N items. options: data-set
-    loader options (pope: splits, source; textvqa: ocr; chair: n_images). epsilon: the cliff
-    tolerance. Only batch_size, epsilon, length_bucket, progress and overwrite may change between
+    loader options (pope: splits, source; textvqa: ocr; chair: n_images; toy_pope: splits, n;
+    toy_caption: n). template None: the checkpoint's own (``pipeline.default_template``). epsilon:
+    the cliff tolerance. Only batch_size, epsilon, length_bucket, progress and overwrite may change between
     a run and its resumption; the rest must match run.json.
     """
 
@@ -68,7 +72,7 @@ class EvalConfig:
     epsilon: float = 0.01
     skip_bad: bool = False
     overwrite: bool = False
-    template: str = "vicuna_v1"
+    template: str | None = None
     pad_square: bool = False
     dtype: str | None = None
     seed: int = 0
@@ -148,7 +152,9 @@ def sweep_tag(sweep) -> str:
 
 
 def model_name(checkpoint: str | None) -> str:
-    return "tiny-random" if checkpoint is None else os.path.basename(os.path.normpath(checkpoint))
+    from jaxflow.pipeline import checkpoint_name
+
+    return checkpoint_name(checkpoint)
 
 
 def default_out(cfg: EvalConfig) -> str:
@@ -182,7 +188,7 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvaluationError(f"--checkpoint directory not found: {cfg.checkpoint}")
     from jaxflow.data.prompts import TEMPLATES
 
-    if cfg.template not in TEMPLATES:
+    if cfg.template is not None and cfg.template not in TEMPLATES:
         raise EvaluationError(f"--template must be one of {', '.join(TEMPLATES)}, got {cfg.template!r}")
 
 
@@ -289,11 +295,12 @@ def generate_batch(bundle, batch: PreparedBatch, layers, max_new_tokens: int,
 def item_score(dataset: str, prediction: str, item) -> float:
     """One item's score, the per-item value behind the data set's metrics:
     pope 1/0 correct (LLaVA parsing); textvqa the VQA accuracy; scienceqa 1/0 correct letter;
-    chair 1/0 the caption mentions a hallucinated object (its CHAIR_s; lower is better)."""
+    chair (and toy_caption) 1/0 the caption mentions a hallucinated object (its CHAIR_s; lower is better);
+    toy_pope as pope."""
     from jaxflow.metrics import analyse_caption, parse_letter, parse_yes_no, vqa_accuracy
     from jaxflow.metrics.chair import WORD_TO_CLASS
 
-    if dataset == "pope":
+    if dataset in ("pope", "toy_pope"):
         return float(parse_yes_no(prediction, "llava") == item.answers[0].strip().lower())
     if dataset == "textvqa":
         return float(vqa_accuracy(prediction, list(item.answers)))
@@ -303,6 +310,10 @@ def item_score(dataset: str, prediction: str, item) -> float:
     if dataset == "chair":
         gt = {WORD_TO_CLASS.get(g, g) for g in item.answers}
         return float(bool(analyse_caption(prediction, gt)["hallucinated"]))
+    if dataset == "toy_caption":
+        from jaxflow.metrics import analyse_toy_caption
+
+        return float(bool(analyse_toy_caption(prediction, item.answers)["hallucinated"]))
     raise ValueError(f"unknown data set {dataset!r}")
 
 
@@ -331,7 +342,16 @@ def _items_digest(items) -> str:
 def _load_data(cfg: EvalConfig, out: str):
     from jaxflow.data.datasets import load_dataset
 
-    if cfg.data_dir is None:
+    options = dict(cfg.options)
+    n_toy = options.pop("n", 100) if cfg.dataset in TOY_DATASETS else None
+    if cfg.data_dir is None and cfg.dataset in TOY_DATASETS:
+        from jaxflow.toy.sets import write_toy_captions, write_toy_pope
+
+        if not isinstance(n_toy, (int, np.integer)) or n_toy < 1:
+            raise EvaluationError(f"toy sets: n must be a positive integer, got {n_toy!r}")
+        writer = write_toy_pope if cfg.dataset == "toy_pope" else write_toy_captions
+        data_dir, image_dir = writer(os.path.join(out, "toy_data"), int(n_toy), cfg.seed)
+    elif cfg.data_dir is None:
         from jaxflow.data.fixtures import write_fixtures
 
         data_dir, image_dir = write_fixtures(os.path.join(out, "fixtures"))[cfg.dataset]
@@ -339,13 +359,19 @@ def _load_data(cfg: EvalConfig, out: str):
         data_dir, image_dir = cfg.data_dir, cfg.image_dir
     try:
         ds = load_dataset(cfg.dataset, data_dir, image_dir, limit=cfg.limit, skip_bad=cfg.skip_bad, seed=cfg.seed,
-                          **cfg.options)
+                          **options)
     except TypeError as e:  # an option the loader does not take
         raise EvaluationError(str(e)) from None
     if not len(ds):
         raise EvaluationError(f"{cfg.dataset}: no items to evaluate in {data_dir} "
                               f"({ds.stats.records} records, {ds.stats.skipped} skipped, {ds.stats.filtered} filtered)")
     return ds
+
+
+def _template(cfg: EvalConfig) -> str:
+    from jaxflow.pipeline import default_template
+
+    return cfg.template or default_template(cfg.checkpoint)
 
 
 def run_params(cfg: EvalConfig, ds, max_new_tokens: int, num_layers: int | None = None) -> dict:
@@ -359,12 +385,12 @@ def run_params(cfg: EvalConfig, ds, max_new_tokens: int, num_layers: int | None 
         "data_dir": "fixtures" if fixtures else os.path.abspath(cfg.data_dir),
         "image_dir": "fixtures" if fixtures else os.path.abspath(cfg.image_dir),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.options.items())},
-        "seed": cfg.seed if cfg.dataset == "chair" else None,
+        "seed": cfg.seed if cfg.dataset in ("chair",) + TOY_DATASETS else None,
         "limit": cfg.limit,
         "skip_bad": bool(cfg.skip_bad),
         "sweep": sweep_tag(cfg.sweep),
         "max_new_tokens": int(max_new_tokens),
-        "template": cfg.template,
+        "template": _template(cfg),
         "pad_square": bool(cfg.pad_square),
         "dtype": cfg.dtype,
         "n_items": len(ds),
@@ -397,11 +423,11 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
         from jaxflow.convert import CheckpointError
 
         try:
-            bundle = load_bundle(cfg.checkpoint, template=cfg.template, dtype=cfg.dtype)
+            bundle = load_bundle(cfg.checkpoint, template=_template(cfg), dtype=cfg.dtype)
         except CheckpointError as e:
             raise EvaluationError(str(e)) from None
-    elif bundle.template != cfg.template:
-        bundle = dataclasses.replace(bundle, template=cfg.template)
+    elif bundle.template != _template(cfg):
+        bundle = dataclasses.replace(bundle, template=_template(cfg))
     L = int(bundle.config.text.num_layers)
     layers = resolve_layers(cfg.sweep, L)
     record_layers = layers if layers is not None else [L]

@@ -4,6 +4,7 @@
 - ``textvqa_accuracy`` (VQA soft accuracy with the standard answer normalisation)
 - ``scienceqa_accuracy`` (option-letter accuracy, LLaVA's parsing)
 - ``chair_metrics`` (CHAIR_s, CHAIR_i, recall)
+- ``toy_caption_metrics`` (CHAIR over the toy shapes' (colour, shape) objects)
 
 ``score(dataset, predictions, items)`` applies the right one to items of
 ``jaxflow.data.datasets.load_dataset``. See docs/datasets.md for the conventions.
@@ -17,11 +18,13 @@ from jaxflow.metrics.pope import parse_yes_no, pope_metrics
 from jaxflow.metrics.scienceqa import parse_letter, scienceqa_accuracy
 from jaxflow.metrics.singularize import singularize
 from jaxflow.metrics.textvqa import normalize_answer, textvqa_accuracy, vqa_accuracy
+from jaxflow.metrics.toy_caption import analyse_toy_caption, toy_caption_metrics, toy_mentions
 
-DATASETS = ("pope", "textvqa", "scienceqa", "chair")
+DATASETS = ("pope", "textvqa", "scienceqa", "chair", "toy_pope", "toy_caption")
 
 # The headline metric of each data set (what a truncation curve plots by default).
-PRIMARY_METRIC = {"pope": "f1", "textvqa": "accuracy", "scienceqa": "accuracy", "chair": "chair_s"}
+PRIMARY_METRIC = {"pope": "f1", "textvqa": "accuracy", "scienceqa": "accuracy", "chair": "chair_s", "toy_pope": "f1",
+                  "toy_caption": "chair_s"}
 
 
 def score(dataset: str, predictions: Mapping[str, str], items: Sequence) -> dict[str, float]:
@@ -37,7 +40,7 @@ def score(dataset: str, predictions: Mapping[str, str], items: Sequence) -> dict
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError("items have duplicate ids")
-    if dataset == "pope":
+    if dataset in ("pope", "toy_pope"):
         labels = {it.id: it.answers[0] for it in items}
         cats = {it.id: it.split for it in items}
         out = pope_metrics(predictions, labels, cats, parsing="llava")
@@ -52,11 +55,13 @@ def score(dataset: str, predictions: Mapping[str, str], items: Sequence) -> dict
             categories={it.id: it.metadata.get("subject") or "unknown" for it in items})
     if dataset == "chair":
         return chair_metrics(predictions, {it.id: list(it.answers) for it in items})
+    if dataset == "toy_caption":
+        return toy_caption_metrics(predictions, {it.id: list(it.answers) for it in items})
     raise ValueError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
 
 
 __all__ = [
-    "DATASETS", "PRIMARY_METRIC", "score",
+    "DATASETS", "PRIMARY_METRIC", "score", "toy_caption_metrics", "toy_mentions", "analyse_toy_caption",
     "pope_metrics", "parse_yes_no",
     "textvqa_accuracy", "vqa_accuracy", "normalize_answer",
     "scienceqa_accuracy", "parse_letter",

@@ -21,9 +21,12 @@ from jaxflow.data.datasets.chair import load_chair
 from jaxflow.data.datasets.pope import load_pope
 from jaxflow.data.datasets.scienceqa import load_scienceqa
 from jaxflow.data.datasets.textvqa import load_textvqa
+from jaxflow.data.datasets.toy import load_toy_captions, load_toy_pope
 
-LOADERS = {"pope": load_pope, "textvqa": load_textvqa, "scienceqa": load_scienceqa, "chair": load_chair}
+LOADERS = {"pope": load_pope, "textvqa": load_textvqa, "scienceqa": load_scienceqa, "chair": load_chair,
+           "toy_pope": load_toy_pope, "toy_caption": load_toy_captions}
 DATASETS = tuple(LOADERS)
+BENCHMARKS = ("pope", "textvqa", "scienceqa", "chair")  # the published sets (bundled fixtures: data.fixtures)
 
 
 def dataset_options(name: str) -> tuple[str, ...]:
@@ -48,6 +51,7 @@ def load_dataset(name: str, data_dir: str, image_dir: str, *, limit: int | None 
     - textvqa: ``ocr`` (default True: "Reference OCR token: ..." in the prompt)
     - scienceqa: ``split`` (default "test")
     - chair: ``n_images`` (default 500)
+    - toy_pope: ``splits``; toy_caption: none (files written by ``jaxflow.toy.sets``)
     """
     valid = dataset_options(name)
     unknown = sorted(set(options) - set(valid))
@@ -60,7 +64,7 @@ def load_dataset(name: str, data_dir: str, image_dir: str, *, limit: int | None 
 
 
 __all__ = [
-    "load_dataset", "dataset_options", "DATASETS", "LOADERS", "Dataset", "DatasetError", "Item", "LoadStats",
-    "load_pope", "load_textvqa", "load_scienceqa", "load_chair",
+    "load_dataset", "dataset_options", "DATASETS", "BENCHMARKS", "LOADERS", "Dataset", "DatasetError", "Item", "LoadStats",
+    "load_pope", "load_textvqa", "load_scienceqa", "load_chair", "load_toy_pope", "load_toy_captions",
     "SHORT_ANSWER_SUFFIX", "LETTER_ANSWER_SUFFIX", "CAPTION_PROMPT",
 ]
