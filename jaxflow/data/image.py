@@ -246,3 +246,34 @@ def preprocess_images(
     if len(shapes) != 1:
         raise ValueError(f"preprocessed images differ in shape: {sorted(shapes)}")
     return np.stack(arrays)  # (B, 3, H, W)
+
+
+def box_to_model_frame(box, image_wh: tuple[int, int], spec: ImageSpec,
+                       pad_square: bool = False) -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) in the original image's pixels -> the same box in the pixels of the
+    preprocessed image the vision tower sees (after ``pad_square``, resizing and centre cropping,
+    with the very offsets ``preprocess_image`` uses), clipped to it. An empty result (x1 <= x0) means
+    the box was cropped away."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"a box needs x0 < x1 and y0 < y1, got {tuple(box)}")
+    w, h = int(image_wh[0]), int(image_wh[1])
+    if pad_square and w != h:
+        side = max(w, h)
+        dx, dy = (0, (w - h) // 2) if w > h else ((h - w) // 2, 0)
+        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+        w = h = side
+    if spec.do_resize:
+        nh, nw = resize_output_hw(h, w, spec)
+        sx, sy = nw / w, nh / h
+        x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+        w, h = nw, nh
+    out_h, out_w = h, w
+    if spec.do_center_crop:
+        ch, cw = int(spec.crop_size[0]), int(spec.crop_size[1])
+        # _center_crop's offsets, including its zero-padding of a too-small image
+        top = (h - ch) // 2 if h >= ch else -math.ceil((ch - h) / 2)
+        left = (w - cw) // 2 if w >= cw else -math.ceil((cw - w) / 2)
+        x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
+        out_h, out_w = ch, cw
+    return (min(max(x0, 0.0), out_w), min(max(y0, 0.0), out_h), min(max(x1, 0.0), out_w), min(max(y1, 0.0), out_h))

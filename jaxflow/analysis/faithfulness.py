@@ -1,0 +1,307 @@
+"""Do the heat maps point at what the answer is about? The pointing game and the energy-in-box share
+of LLaVA-CAM maps, per layer and per method, against boxes of the asked object.
+
+Geometry. A box is given in the original image's pixels; `box_to_model_frame` carries it through the
+same padding, resizing and cropping the image went through, onto the preprocessed image, which the
+vision tower cuts into a (grid_h, grid_w) grid of square cells (14 px for CLIP ViT-L/14).
+
+- pointing game: a sample is a hit at layer l when the centre of the cell holding its map's maximum
+  (the first one in row-major order if several cells tie) lies inside the box; an all-zero map (no
+  maximum) is a miss. Chance: a cell drawn uniformly at random hits with probability (cells whose
+  centre lies in the box) / (all cells), about the box's share of the image area.
+- energy in box: sum over cells of map * (share of the cell's area inside the box), divided by the
+  map's sum (0 for an all-zero map). Scale-free, so computed on the un-thresholded maps. Chance: a
+  uniform map scores the box's share of the image area.
+
+`faithfulness` averages both over samples; `FaithfulnessResult.table()` prints them per layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from jaxflow.analysis.cam import METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxSample:
+    """An image, a question about one object, the object's box (x0, y0, x1, y1 in the image's own
+    pixels, x1/y1 exclusive) and optionally the answer to explain (None: the model's greedy answer)."""
+    image: object  # a path or a PIL image
+    question: str
+    box: tuple[float, float, float, float]
+    answer: str | None = None
+
+
+def box_cells(box, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A box in the preprocessed image's pixels -> (coverage (gh, gw) float32: the share of each cell's
+    area inside the box, centre_in (gh, gw) bool: whether each cell's centre lies inside it)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    ch, cw = image_hw[0] / gh, image_hw[1] / gw
+    ys0, xs0 = np.arange(gh) * ch, np.arange(gw) * cw
+    oy = np.clip(np.minimum(ys0 + ch, y1) - np.maximum(ys0, y0), 0, None) / ch  # (gh,)
+    ox = np.clip(np.minimum(xs0 + cw, x1) - np.maximum(xs0, x0), 0, None) / cw  # (gw,)
+    cy, cx = ys0 + ch / 2, xs0 + cw / 2
+    iny = (cy >= y0) & (cy < y1)
+    inx = (cx >= x0) & (cx < x1)
+    return np.outer(oy, ox).astype(np.float32), np.outer(iny, inx)
+
+
+def pointing_hits(maps: np.ndarray, centre_in: np.ndarray) -> np.ndarray:
+    """maps (N, L, gh, gw) >= 0, centre_in (N, gh, gw) bool -> hits (N, L) bool."""
+    n, layers = maps.shape[:2]
+    flat = maps.reshape(n, layers, -1)
+    arg = flat.argmax(-1)  # (N, L)
+    hit = np.take_along_axis(centre_in.reshape(n, 1, -1).repeat(layers, 1), arg[..., None], -1)[..., 0]
+    return hit & (flat.max(-1) > 0)
+
+
+def energy_in_box(maps: np.ndarray, coverage: np.ndarray) -> np.ndarray:
+    """maps (N, L, gh, gw) >= 0, coverage (N, gh, gw) in [0, 1] -> share of each map's mass inside the
+    box, (N, L) float32 (0 where a map is all zero)."""
+    total = maps.sum((-2, -1))
+    inside = (maps * coverage[:, None]).sum((-2, -1))
+    return np.where(total > 0, inside / np.where(total > 0, total, 1), 0.0).astype(np.float32)
+
+
+@dataclasses.dataclass
+class FaithfulnessResult:
+    """Per method: pointing (L,) and energy (L,) averaged over n samples; per-sample hits (N, L) and
+    energies (N, L); the chance levels; and the best layer of each method by pointing accuracy."""
+    methods: tuple
+    num_layers: int
+    n: int
+    pointing: dict  # method -> (L,) float
+    energy: dict  # method -> (L,) float
+    hits: dict  # method -> (N, L) bool
+    energies: dict  # method -> (N, L) float32
+    chance_pointing: float  # mean share of cells whose centre lies in the box
+    chance_energy: float  # mean share of the image area covered by the box
+    answers: list  # the answer each sample's maps explain
+
+    def best_layer(self, method: str) -> int:
+        return int(np.argmax(self.pointing[method]))
+
+    def summary(self) -> dict:
+        return {"n": self.n, "num_layers": self.num_layers, "methods": list(self.methods),
+                "chance": {"pointing": self.chance_pointing, "energy": self.chance_energy},
+                "per_method": {m: {"pointing": [float(v) for v in self.pointing[m]],
+                                   "energy": [float(v) for v in self.energy[m]],
+                                   "best_layer": self.best_layer(m),
+                                   "best_pointing": float(self.pointing[m][self.best_layer(m)])}
+                               for m in self.methods}}
+
+    def table(self) -> str:
+        """Layer by layer: pointing-game accuracy and energy-in-box share of every method."""
+        head = "layer " + " ".join(f"{m + ' PG':>12} {m + ' EiB':>12}" for m in self.methods)
+        rows = [head]
+        for layer in range(self.num_layers):
+            rows.append(f"{layer:>5} " + " ".join(f"{self.pointing[m][layer]:>12.3f} {self.energy[m][layer]:>12.3f}"
+                                                  for m in self.methods))
+        rows.append(f"chance: pointing {self.chance_pointing:.3f}, energy {self.chance_energy:.3f} "
+                    f"({self.n} samples)")
+        return "\n".join(rows)
+
+
+def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, batch_size: int = 16,
+                 pad_square: bool = False, max_new_tokens: int = 16, progress: bool = False,
+                 attn_impl: str = "fused") -> FaithfulnessResult:
+    """Pointing game and energy in box of every layer's LLaVA-CAM, for each method, over `samples`
+    (`BoxSample`s). The target of a sample's maps is its answer (teacher-forced), or the model's greedy
+    answer where none is given. Returns per-layer means and per-sample values."""
+    from jaxflow.analysis.cam import llava_cams
+    from jaxflow.data.image import box_to_model_frame, load_image
+    from jaxflow.pipeline import answer, encode
+
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {', '.join(methods) or 'none'}")
+    samples = list(samples)
+    if not samples:
+        raise ValueError("faithfulness needs at least one sample")
+    cfg = bundle.config
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    out_hw = bundle.image_spec.output_hw
+    L = cfg.text.num_layers
+    maps = {m: [] for m in methods}
+    cover, centre, answers, areas = [], [], [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(samples), desc="faithfulness", unit="sample")
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        images = [load_image(s.image) if isinstance(s.image, (str, os.PathLike)) else s.image for s in chunk]
+        given = [s.answer for s in chunk]
+        if any(a is None for a in given):
+            missing = [j for j, a in enumerate(given) if a is None]
+            gen = answer(bundle, [images[j] for j in missing], [chunk[j].question for j in missing],
+                         max_new_tokens=max_new_tokens, pad_square=pad_square)
+            for j, ids in zip(missing, gen.token_ids):
+                given[j] = ids if ids else None
+            empty = [chunk[j].question for j, a in enumerate(given) if a is None]
+            if empty:
+                raise ValueError(f"the model gave an empty answer to {empty[0]!r}: give the answer to explain")
+        batch, pixels = encode(bundle, images, [s.question for s in chunk], answers=given, pad_square=pad_square,
+                               padding_side="left")
+        res = llava_cams(bundle.model, batch.input_ids, pixels, batch.answer_mask, methods,
+                         attention_mask=batch.attention_mask, attn_impl=attn_impl)
+        for m in methods:
+            maps[m].append(res.maps[m])  # (b, L, gh, gw)
+        for s, im, a in zip(chunk, images, given):
+            box = box_to_model_frame(s.box, im.size, bundle.image_spec, pad_square=pad_square)
+            c, ctr = box_cells(box, out_hw, (grid, grid))
+            cover.append(c)
+            centre.append(ctr)
+            areas.append(max(box[2] - box[0], 0) * max(box[3] - box[1], 0) / (out_hw[0] * out_hw[1]))
+            answers.append(a if isinstance(a, str) else bundle.tokenizer.decode(a, skip_special_tokens=True))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    cover_a, centre_a = np.stack(cover), np.stack(centre)  # (N, gh, gw)
+    hits, energies = {}, {}
+    for m in methods:
+        mm = np.concatenate(maps[m])  # (N, L, gh, gw)
+        hits[m] = pointing_hits(mm, centre_a)
+        energies[m] = energy_in_box(mm, cover_a)
+    return FaithfulnessResult(
+        methods=methods, num_layers=L, n=len(samples),
+        pointing={m: hits[m].mean(0) for m in methods}, energy={m: energies[m].mean(0) for m in methods},
+        hits=hits, energies=energies, chance_pointing=float(centre_a.reshape(len(samples), -1).mean(1).mean()),
+        chance_energy=float(np.mean(areas)), answers=answers)
+
+
+def plot_faithfulness(result: FaithfulnessResult, path: str, title: str | None = None) -> str:
+    """Per-layer curves: pointing-game accuracy and energy-in-box share of each method, with the
+    chance levels dashed. Writes a PNG atomically; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    layers = np.arange(result.num_layers)
+    for ax, key, chance, label in ((axes[0], "pointing", result.chance_pointing, "pointing-game accuracy"),
+                                   (axes[1], "energy", result.chance_energy, "energy-in-box share")):
+        for m in result.methods:
+            ax.plot(layers, getattr(result, key)[m], marker="o", label=m)
+        ax.axhline(chance, ls="--", c="grey", label="chance")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or f"LLaVA-CAM faithfulness ({result.n} samples)")
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def read_box_samples(path: str, image_dir: str | None = None) -> list[BoxSample]:
+    """A JSON-lines file of boxes of your own, one sample per line::
+
+        {"image": "cat.jpg", "question": "Is there a cat in the image?", "box": [x0, y0, x1, y1], "answer": "Yes"}
+
+    (``answer`` optional: the model's greedy answer is explained where it is missing). Relative image
+    paths are taken from image_dir (default: the file's folder). A bad line raises ValueError naming
+    the file and line."""
+    import json
+
+    base = image_dir or os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(path):
+        raise ValueError(f"boxes file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) \
+                    or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+                raise ValueError(f"{where}: needs \"image\" and \"question\" strings")
+            box = obj.get("box")
+            if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+                    or not (box[2] > box[0] and box[3] > box[1])):
+                raise ValueError(f"{where}: \"box\" must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box!r}")
+            ans = obj.get("answer")
+            if ans is not None and (not isinstance(ans, str) or not ans.strip()):
+                raise ValueError(f"{where}: \"answer\" must be a non-empty string when given")
+            image = obj["image"] if os.path.isabs(obj["image"]) else os.path.join(base, obj["image"])
+            if not os.path.isfile(image):
+                raise ValueError(f"{where}: image not found: {image}")
+            out.append(BoxSample(image, obj["question"], tuple(float(v) for v in box), ans))
+    if not out:
+        raise ValueError(f"{path}: no samples")
+    return out
+
+
+def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, seed: int = 0,
+                     methods=("paper", "gradcam", "gradxact"), boxes: str | None = None, image_dir: str | None = None,
+                     batch_size: int = 16, pad_square: bool = False, template: str | None = None,
+                     progress: bool = True) -> tuple[FaithfulnessResult, list[str]]:
+    """What scripts/faithfulness.py does: the samples (`n` held-out toy samples, or the `boxes` file),
+    `faithfulness`, then summary.json, per_sample.npz and faithfulness.png written atomically into
+    `out`. Raises ValueError on bad input (before anything is written)."""
+    import shutil
+    import tempfile
+
+    from jaxflow.convert import CheckpointError
+    from jaxflow.pipeline import load_bundle, write_json
+
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"--methods must be among {', '.join(METHODS)}, got {', '.join(methods) or 'none'}")
+    if boxes is not None:
+        samples = read_box_samples(boxes, image_dir)
+        source = os.path.abspath(boxes)
+    else:
+        from jaxflow.toy.sets import faithfulness_samples
+
+        samples = faithfulness_samples(n, seed)
+        source = f"toy held-out samples (n={n}, seed={seed})"
+    try:
+        bundle = load_bundle(checkpoint, template=template)
+    except (CheckpointError, OSError) as e:
+        raise ValueError(str(e)) from e
+    result = faithfulness(bundle, samples, methods, batch_size=batch_size, pad_square=pad_square,
+                          progress=progress)
+    final = os.path.abspath(out)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    try:
+        summary = dict(result.summary(), model=bundle.name, samples=source, template=bundle.template)
+        write_json(os.path.join(tmp, "summary.json"), summary)
+        np.savez(os.path.join(tmp, "per_sample.npz"),
+                 **{f"{m}_hits": result.hits[m] for m in methods}, **{f"{m}_energy": result.energies[m] for m in methods})
+        plot_faithfulness(result, os.path.join(tmp, "faithfulness.png"),
+                          title=f"{bundle.name}: LLaVA-CAM faithfulness ({result.n} samples)")
+        if os.path.isdir(final):
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(final, name))
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(final):
+            raise ValueError(f"--out {out} exists and is not a folder")
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result, [os.path.join(final, f) for f in ("summary.json", "per_sample.npz", "faithfulness.png")]

@@ -1,0 +1,53 @@
+"""Do the LLaVA-CAM heat maps point at the object the answer is about? The pointing game and the
+energy-in-box share, per decoder layer and CAM method, with a table and per-layer curves.
+
+    python scripts/faithfulness.py                           # embedded toy model, 200 held-out toy samples
+    python scripts/faithfulness.py --checkpoint checkpoints/llava-1.5-7b --boxes my_boxes.jsonl
+
+A boxes file has one JSON object per line: {"image": ..., "question": ..., "box": [x0, y0, x1, y1],
+"answer": ... (optional)}, the box in the image's own pixels (e.g. a COCO instance's bbox converted to
+corners). See docs/analysis.md.
+"""
+import sys
+
+from absl import flags, logging
+
+from jaxflow.cli import run
+
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("boxes", None, "JSON-lines file of your own samples with boxes (default: held-out toy samples)")
+flags.DEFINE_string("image_dir", None, "folder of the --boxes images (default: the boxes file's folder)")
+flags.DEFINE_integer("n", 200, "toy samples (without --boxes)")
+flags.DEFINE_integer("seed", 0, "seed of the toy samples")
+flags.DEFINE_list("methods", ["paper", "gradcam", "gradxact"], "CAM methods: paper, gradcam, gradxact")
+flags.DEFINE_integer("batch_size", 16, "samples per forward/backward pass")
+flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own)")
+flags.DEFINE_bool("pad_square", False, "pad images to a square with the mean colour (original LLaVA eval)")
+flags.DEFINE_string("out", "outputs/faithfulness", "output folder: summary.json, per_sample.npz, faithfulness.png")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from jaxflow.analysis.faithfulness import run_faithfulness
+
+    try:
+        result, files = run_faithfulness(FLAGS.checkpoint, out=FLAGS.out, n=FLAGS.n, seed=FLAGS.seed,
+                                         methods=FLAGS.methods, boxes=FLAGS.boxes, image_dir=FLAGS.image_dir,
+                                         batch_size=FLAGS.batch_size, pad_square=FLAGS.pad_square,
+                                         template=FLAGS.template)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("pointing game (PG) and energy-in-box share (EiB) per decoder layer")
+    print(result.table())
+    for m in result.methods:
+        best = result.best_layer(m)
+        print(f"{m}: best layer {best}, pointing {result.pointing[m][best]:.3f} "
+              f"(chance {result.chance_pointing:.3f}), energy {result.energy[m][best]:.3f}")
+    print(f"wrote {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    run(main)
