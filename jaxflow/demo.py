@@ -22,7 +22,7 @@ def model_view(pixels: np.ndarray, spec) -> Image.Image:
     return Image.fromarray(rgb.transpose(1, 2, 0))
 
 
-def run_demo(checkpoint, image, question, *, out, template="vicuna_v1", max_new_tokens=16, pad_square=False,
+def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=16, pad_square=False,
              analyses=True, progress=print):
     """Greedy answer + S/T/U/A spans (summary.json, model_input.png in `out`); with `analyses`, also
     every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`) and the truncation sweep
@@ -35,8 +35,9 @@ def run_demo(checkpoint, image, question, *, out, template="vicuna_v1", max_new_
         raise DemoError(f"image not found: {image}")
     try:
         bundle = load_bundle(checkpoint, template=template)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         raise DemoError(str(e)) from e
+    template = bundle.template
     try:
         ans = answer(bundle, [image], [question], max_new_tokens=max_new_tokens, pad_square=pad_square)
     except (OSError, ValueError) as e:

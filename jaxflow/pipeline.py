@@ -28,15 +28,42 @@ class Bundle:
         return self.model.config
 
 
+DEFAULT_MODEL_NAME = "tiny-random"  # what checkpoint=None loads (jaxflow.tiny)
+
+
+def checkpoint_name(checkpoint: str | None) -> str:
+    """The model name of a checkpoint directory (None: the embedded default model)."""
+    return DEFAULT_MODEL_NAME if checkpoint is None else os.path.basename(os.path.normpath(checkpoint))
+
+
+def default_template(checkpoint: str | None) -> str:
+    """The prompt template a checkpoint expects: the "template" of its toy.json if it has one (models
+    trained by jaxflow.toy: "llava_hf"), else LLaVA-1.5's "vicuna_v1" (also for checkpoint=None)."""
+    meta = None if checkpoint is None else os.path.join(checkpoint, "toy.json")
+    if meta is not None and os.path.isfile(meta):
+        try:
+            with open(meta) as f:
+                return str(json.load(f).get("template") or "vicuna_v1")
+        except (OSError, ValueError):
+            pass
+    return "vicuna_v1"
+
+
 def load_bundle(checkpoint: str | None = None, *, template: str | None = None, dtype: str | None = None) -> Bundle:
     """A converted checkpoint (model, its tokenizer, its image processor settings), or with
-    checkpoint=None the embedded tiny random model."""
+    checkpoint=None the embedded tiny random model. template None: the checkpoint's own
+    (`default_template`)."""
+    template = template or default_template(checkpoint)
     if checkpoint is None:
         from jaxflow import tiny
 
         cfg = tiny.tiny_config()
         return Bundle(tiny.tiny_model(), tiny.tiny_tokenizer(), ImageSpec.for_size(cfg.vision.image_size),
-                      name="tiny-random", template=template or "vicuna_v1")
+                      name=DEFAULT_MODEL_NAME, template=template)
+    return _load_dir(checkpoint, checkpoint_name(checkpoint), template, dtype)
+
+
+def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> Bundle:
     from jaxflow.convert import load, load_tokenizer
 
     model = load(checkpoint, dtype=dtype)
@@ -47,8 +74,7 @@ def load_bundle(checkpoint: str | None = None, *, template: str | None = None, d
     if spec.output_hw != (model.config.vision.image_size,) * 2:
         raise ValueError(f"{checkpoint}: the image processor crops to {spec.output_hw} but the vision tower "
                          f"expects {model.config.vision.image_size} px")
-    return Bundle(model, load_tokenizer(checkpoint), spec, name=os.path.basename(os.path.normpath(checkpoint)),
-                  template=template or "vicuna_v1")
+    return Bundle(model, load_tokenizer(checkpoint), spec, name=name, template=template)
 
 
 def encode(bundle: Bundle, images, questions: list[str], answers: list | None = None, *,

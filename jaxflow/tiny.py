@@ -19,6 +19,21 @@ from jaxflow.models.llava import Llava
 
 TINY_IMAGE_SIZE = 112
 DEMO_IMAGE = os.path.join(os.path.dirname(__file__), "assets", "demo.png")
+DEMO_QUESTION = "Is there a red circle in the image?"
+# the demo image's objects: (colour, shape, box (x0, y0, x1, y1) in its 112 x 112 pixels)
+DEMO_OBJECTS = (("red", "circle", (10, 12, 44, 46)), ("blue", "square", (68, 10, 100, 42)),
+                ("green", "triangle", (40, 64, 76, 100)))
+
+
+def make_demo_image():
+    """The bundled demo image (scripts/make_demo_image.py writes it): DEMO_OBJECTS drawn by the toy
+    renderer with a fixed seed."""
+    import numpy as np
+
+    from jaxflow.toy.data import ToyObject, render
+
+    objs = [ToyObject(c, s, box) for c, s, box in DEMO_OBJECTS]
+    return render(objs, np.random.default_rng(2024), TINY_IMAGE_SIZE)
 
 
 def tiny_config() -> LlavaConfig:

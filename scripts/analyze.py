@@ -18,7 +18,7 @@ from jaxflow.cli import run
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
-flags.DEFINE_string("question", "What shapes are in the image?", "the question")
+flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
 flags.DEFINE_string("answer", None, "answer to explain (teacher-forced); default: the model's greedy answer")
 flags.DEFINE_list("methods", ["paper", "gradcam"], "CAM methods, comma-separated: paper, gradcam, gradxact")
 flags.DEFINE_integer("smooth_n", 0, "SmoothGrad: number of noisy copies of the image (0 = off)")
@@ -30,7 +30,8 @@ flags.DEFINE_enum("queries", "predicting", ["predicting", "answer"],
                   "attention queries: the positions that predict the answer tokens (last prompt token and the "
                   "answer but its last token), or the answer tokens themselves")
 flags.DEFINE_integer("layer", None, "layer of the attention heat map (default: the largest image share)")
-flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "llava_hf"], "prompt template")
+flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
+                  "vicuna_v1 for converted LLaVA-1.5)")
 flags.DEFINE_integer("max_new_tokens", 8, "greedy decoding length limit when no --answer is given")
 flags.DEFINE_integer("max_token_maps", 8, "per-token CAM figure: at most this many answer tokens")
 flags.DEFINE_bool("pad_square", False, "pad the image to a square with the mean colour (original LLaVA eval)")

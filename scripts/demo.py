@@ -14,8 +14,9 @@ from jaxflow.cli import run
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
-flags.DEFINE_string("question", "What shapes are in the image?", "the question")
-flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "llava_hf"], "prompt template")
+flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
+flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
+                  "vicuna_v1 for converted LLaVA-1.5)")
 flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit")
 flags.DEFINE_bool("pad_square", False, "pad the image to a square with the mean colour (original LLaVA eval)")
 flags.DEFINE_bool("analyses", True, "also run LLaVA-CAM, attention shares, flows and the truncation sweep")

@@ -17,6 +17,10 @@ flags.DEFINE_integer("steps", 3000, "optimizer steps")
 flags.DEFINE_integer("batch_size", 32, "samples per step")
 flags.DEFINE_float("lr", 2e-3, "peak learning rate")
 flags.DEFINE_integer("warmup", 150, "linear warm-up steps")
+flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay")
+flags.DEFINE_integer("turns", 1, "questions per image and sequence (turns after the first are existence questions)")
+flags.DEFINE_float("grounding", 0.0, "weight of the per-patch grounding loss")
+flags.DEFINE_bool("question_words", False, "dialogs: supervise the object words of 'Yes' existence questions")
 flags.DEFINE_integer("seed", 0, "seed of the weights and of the data stream")
 flags.DEFINE_integer("eval_every", 250, "held-out existence accuracy every N steps")
 flags.DEFINE_bool("resume", True, "continue from the latest checkpoint in --out")
@@ -30,11 +34,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from jaxflow.toy import train as T
 
-    if FLAGS.steps < 1 or FLAGS.batch_size < 1 or FLAGS.lr <= 0:
-        print("error: --steps, --batch_size and --lr must be positive", file=sys.stderr)
+    if FLAGS.steps < 1 or FLAGS.batch_size < 1 or FLAGS.lr <= 0 or FLAGS.turns < 1:
+        print("error: --steps, --batch_size, --turns and --lr must be positive", file=sys.stderr)
         sys.exit(2)
-    tc = T.TrainConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, warmup=FLAGS.warmup,
-                       seed=FLAGS.seed, eval_every=FLAGS.eval_every)
+    tc = T.TrainConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
+                       seed=FLAGS.seed, eval_every=FLAGS.eval_every,
+                       turns=FLAGS.turns, grounding=FLAGS.grounding,
+                       question_words=FLAGS.question_words)
     result = T.train(FLAGS.out, tc, resume=FLAGS.resume)
     hist = result["history"]
     evals = [h for h in hist if "existence_acc" in h]

@@ -15,7 +15,8 @@ from jaxflow.cli import run
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
-flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "llava_hf"], "prompt template")
+flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
+                  "vicuna_v1 for converted LLaVA-1.5)")
 flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit for every K")
 flags.DEFINE_list("layers", None, "cut layers K to evaluate (default: all of 0..L)")
 flags.DEFINE_integer("keep_top_k", 0, "FastV-style: keep this many image tokens from layer K on")

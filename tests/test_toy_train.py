@@ -41,3 +41,40 @@ def test_toy_data_is_deterministic_and_well_formed():
             assert e.answer.count(" a ") + e.answer.startswith("a ") == len(e.objects)
         for o in e.objects:  # boxes inside the image, objects apart
             assert 0 <= o.box[0] < o.box[2] <= toy_data.IMAGE_SIZE and 0 <= o.box[1] < o.box[3] <= toy_data.IMAGE_SIZE
+
+
+def test_dialog_batch_supervises_answers_and_question_words():
+    from jaxflow.data.tiny_tokenizer import build_tiny_tokenizer
+    from jaxflow.toy.train import LENGTH_BUCKET, make_dialog_batch, toy_config
+
+    tok, cfg = build_tiny_tokenizer(), toy_config()
+    dialogs = toy_data.dialogs(0, 0, 3, 4)
+    for qw in (False, True):
+        b = make_dialog_batch(dialogs, tok, cfg, question_words=qw)
+        assert b["input_ids"].shape[1] % LENGTH_BUCKET == 0
+        for r, d in enumerate(dialogs):
+            ids = b["input_ids"][r]
+            assert (ids == cfg.image_token_id).sum() == cfg.num_image_tokens
+            sup = tok.convert_ids_to_tokens([int(t) for t in ids[b["loss_mask"][r]]])
+            want = []
+            for q, a, kind in d.turns:
+                if qw and kind == "existence" and a == "Yes":
+                    want += q.split()[3:5]  # "Is there a <colour> <shape> in the image?"
+                want += tok.convert_ids_to_tokens(tok(a, add_special_tokens=False).input_ids) + ["</s>"]
+            assert sup == want
+            # the first turn is laid out exactly as a single question
+            first = tok.convert_ids_to_tokens([int(t) for t in ids if t != cfg.image_token_id])
+            assert first[:3] == ["<s>", "USER", ":"]
+
+
+def test_patch_targets_cover_the_object_cells():
+    from jaxflow.data.tiny_tokenizer import build_tiny_tokenizer
+    from jaxflow.toy.train import patch_targets, toy_config
+
+    tok, cfg = build_tiny_tokenizer(), toy_config()
+    obj = toy_data.ToyObject("red", "circle", (14, 28, 42, 49))  # cell centres x 21, 35; y 35 (49 excluded)
+    t = patch_targets([[obj]], tok, cfg)
+    cells = np.flatnonzero(t["patch_mask"][0])
+    assert cells.tolist() == [2 * 8 + 1, 2 * 8 + 2]
+    red, circle = tok("red circle", add_special_tokens=False).input_ids
+    assert t["patch_words"][0, cells].tolist() == [[red, circle]] * 2

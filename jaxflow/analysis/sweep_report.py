@@ -70,7 +70,7 @@ def _logsumexp(x):
     return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def run_sweep_report(checkpoint, image, question, *, out, template="vicuna_v1", max_new_tokens=16, layers=None,
+def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new_tokens=16, layers=None,
                      keep_top_k=0, epsilon=0.05, pad_square=False) -> tuple[SweepReport, list[str]]:
     """What scripts/truncation_sweep.py does: report + answers.json + sweep.png in `out` (atomically)."""
     import os
@@ -93,7 +93,7 @@ def run_sweep_report(checkpoint, image, question, *, out, template="vicuna_v1", 
         raise ValueError(f"--layers must be integers: {e}") from e
     try:
         bundle = load_bundle(checkpoint, template=template)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         raise ValueError(str(e)) from e
     report = sweep_report(bundle, image, question, max_new_tokens=max_new_tokens, layers=layers,
                           keep_top_k=keep_top_k, epsilon=epsilon, pad_square=pad_square)

@@ -124,31 +124,73 @@ def existence_question(color: str, shape: str) -> str:
     return f"Is there a {color} {shape} in the image?"
 
 
-def make_example(rng: np.random.Generator, kind: str | None = None, split: str | None = None,
-                 label: bool | None = None, size: int = IMAGE_SIZE) -> ToyExample:
-    """One sample; kind/split/label are drawn when not given."""
-    kind = kind or KINDS[rng.choice(len(KINDS), p=KIND_WEIGHTS)]
-    objs = sample_objects(rng, size)
-    if kind == "attribute" and not any(sum(o.shape == s for o in objs) == 1 for s in SHAPES):
-        objs = objs[:1]
-    img = render(objs, rng, size)
+def ask(objs: list[ToyObject], rng: np.random.Generator, kind: str, split: str | None = None,
+        label: bool | None = None) -> tuple[str, str, str, ToyObject | None]:
+    """One question of `kind` about these objects -> (question, answer, split, target); split/label
+    (existence only) are drawn when not given."""
     if kind == "existence":
         split = split or POPE_SPLITS[int(rng.integers(3))]
         label = bool(rng.integers(2)) if label is None else label
         if label:
             target = objs[int(rng.integers(len(objs)))]
-            return ToyExample(img, objs, existence_question(target.color, target.shape), "Yes", kind, split, target)
+            return existence_question(target.color, target.shape), "Yes", split, target
         c, s = negative_pair(objs, split, rng)
-        return ToyExample(img, objs, existence_question(c, s), "No", kind, split)
+        return existence_question(c, s), "No", split, None
     if kind == "attribute":
         unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if not unique:
+            raise ValueError("an attribute question needs a shape that occurs once")
         target = unique[int(rng.integers(len(unique)))]
-        return ToyExample(img, objs, f"What color is the {target.shape}?", target.color, kind, target=target)
+        return f"What color is the {target.shape}?", target.color, "", target
     if kind == "counting":
-        return ToyExample(img, objs, "How many shapes are there?", NUMBER_WORDS[len(objs)], kind)
+        return "How many shapes are there?", NUMBER_WORDS[len(objs)], "", None
     if kind == "caption":
-        return ToyExample(img, objs, "Describe the image.", caption(objs), kind)
+        return "Describe the image.", caption(objs), "", None
     raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
+
+
+def make_example(rng: np.random.Generator, kind: str | None = None, split: str | None = None,
+                 label: bool | None = None, size: int = IMAGE_SIZE) -> ToyExample:
+    """One sample; kind/split/label are drawn when not given."""
+    kind = kind or KINDS[rng.choice(len(KINDS), p=KIND_WEIGHTS)]
+    if kind not in KINDS:
+        raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
+    objs = sample_objects(rng, size)
+    if kind == "attribute" and not any(sum(o.shape == s for o in objs) == 1 for s in SHAPES):
+        objs = objs[:1]
+    img = render(objs, rng, size)
+    q, a, split, target = ask(objs, rng, kind, split, label)
+    return ToyExample(img, objs, q, a, kind, split, target)
+
+
+@dataclasses.dataclass
+class ToyDialog:
+    """One image and several question-answer turns about it (training packs them into one sequence:
+    every turn's answer is supervised, the image is encoded once)."""
+    image: Image.Image
+    objects: list[ToyObject]
+    turns: list[tuple[str, str, str]]  # (question, answer, kind)
+
+
+def make_dialog(rng: np.random.Generator, turns: int, size: int = IMAGE_SIZE) -> ToyDialog:
+    """An image and `turns` questions about it: the first turn is drawn like `make_example`'s (so a
+    dialog's first turn is a sample of the single-question distribution), the others are existence
+    questions (balanced yes/no over the POPE splits), with at most one non-existence question."""
+    kind = KINDS[rng.choice(len(KINDS), p=KIND_WEIGHTS)]
+    objs = sample_objects(rng, size)
+    if kind == "attribute" and not any(sum(o.shape == s for o in objs) == 1 for s in SHAPES):
+        objs = objs[:1]
+    img = render(objs, rng, size)
+    qa = [ask(objs, rng, kind)[:2] + (kind,)]
+    for _ in range(turns - 1):
+        qa.append(ask(objs, rng, "existence")[:2] + ("existence",))
+    return ToyDialog(img, objs, qa)
+
+
+def dialogs(seed: int, step: int, n: int, turns: int) -> list[ToyDialog]:
+    """A deterministic list of n dialogs for (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    return [make_dialog(rng, turns) for _ in range(n)]
 
 
 def examples(seed: int, step: int, n: int, **kw) -> list[ToyExample]:

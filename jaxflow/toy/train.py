@@ -59,6 +59,9 @@ class TrainConfig:
     eval_every: int = 250
     eval_size: int = 256
     save_every: int = 250
+    turns: int = 1  # questions per image and sequence (turns after the first are existence questions)
+    grounding: float = 0.0  # weight of the per-patch grounding loss (image positions predict their object's words)
+    question_words: bool = False  # dialogs: also supervise the colour and shape words of "Yes" existence questions
 
 
 def _spec():
@@ -73,12 +76,91 @@ def make_batch(examples, tokenizer, cfg: LlavaConfig) -> dict:
     enc = encode_batch(tokenizer, prompts, image_token="<image>", image_token_id=cfg.image_token_id,
                        num_image_tokens=cfg.num_image_tokens, answers=answers, padding_side="right")
     pixels = preprocess_images([e.image for e in examples], _spec())
-    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "loss_mask": enc.answer_mask,
-            "pixel_values": pixels}
+    ids, att, loss_mask = _pad_to_bucket(enc.input_ids, enc.attention_mask, enc.answer_mask)
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss_mask,
+            "pixel_values": pixels, **patch_targets([e.objects for e in examples], tokenizer, cfg)}
 
 
-def answer_loss(model, batch):
-    """Mean cross-entropy of the answer tokens, and their token accuracy."""
+LENGTH_BUCKET = 16  # sequence lengths are padded to a multiple of this: the train step compiles a few times only
+
+
+def _pad_to_bucket(input_ids, attention_mask, loss_mask):
+    """Right-pads (B, T) arrays to T rounded up to LENGTH_BUCKET (padding is masked out everywhere)."""
+    t = input_ids.shape[1]
+    extra = -(-t // LENGTH_BUCKET) * LENGTH_BUCKET - t
+    pad = lambda a, v: np.pad(np.asarray(a), ((0, 0), (0, extra)), constant_values=v)  # noqa: E731
+    return pad(input_ids, TINY_PAD), pad(attention_mask, 0), pad(loss_mask, False)
+
+
+def patch_targets(objects_per_image, tokenizer, cfg: LlavaConfig) -> dict:
+    """Per image-grid cell, the colour and shape word ids of the object whose box holds the cell's
+    centre: patch_words (B, N, 2) int32, patch_mask (B, N) bool (False: background)."""
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    cell = cfg.vision.image_size / grid
+    centres = (np.arange(grid) + 0.5) * cell
+    words = np.zeros((len(objects_per_image), grid * grid, 2), np.int32)
+    mask = np.zeros((len(objects_per_image), grid * grid), bool)
+    for b, objs in enumerate(objects_per_image):
+        for o in objs:
+            x0, y0, x1, y1 = o.box
+            ys = np.flatnonzero((centres >= y0) & (centres < y1))
+            xs = np.flatnonzero((centres >= x0) & (centres < x1))
+            idx = (ys[:, None] * grid + xs[None, :]).ravel()
+            words[b, idx] = (_word_id(tokenizer, o.color), _word_id(tokenizer, o.shape))
+            mask[b, idx] = True
+    return {"patch_words": words, "patch_mask": mask}
+
+
+def _word_id(tokenizer, word: str) -> int:
+    (i,) = tokenizer(word, add_special_tokens=False).input_ids
+    return int(i)
+
+
+def make_dialog_batch(dialogs, tokenizer, cfg: LlavaConfig, question_words: bool = False) -> dict:
+    """Dialogs -> the arrays of `make_batch`, one sequence per image: the first turn formatted exactly as
+    a single question (``format_prompt``), each later turn appended as ``USER: {q} ASSISTANT:``; every
+    answer and the EOS after it are supervised. question_words: the colour and shape words of existence
+    questions answered "Yes" are supervised too (they name an object of the image: predicting the shape
+    after the colour word makes the model look it up in the image)."""
+    object_words = {_word_id(tokenizer, w) for w in list(toy_data.COLORS) + list(toy_data.SHAPES)}
+    rows, masks = [], []
+    for d in dialogs:
+        ids, sup = [], []
+        for t, (q, a, kind) in enumerate(d.turns):
+            text = format_prompt(q, TEMPLATE) if t == 0 else f"USER: {q} ASSISTANT:"
+            p = list(tokenizer(text, add_special_tokens=(t == 0)).input_ids)
+            ans = list(tokenizer(a, add_special_tokens=False).input_ids) + [TINY_EOS]
+            ids += p + ans
+            ask = [question_words and kind == "existence" and a == "Yes" and tok in object_words for tok in p]
+            sup += ask + [True] * len(ans)
+        rows.append(ids)
+        masks.append(sup)
+    n_img = cfg.num_image_tokens
+    expanded, exp_masks = [], []
+    for ids, sup in zip(rows, masks):
+        e, m = [], []
+        for tok, s in zip(ids, sup):
+            reps = n_img if tok == cfg.image_token_id else 1
+            e += [tok] * reps
+            m += [s] * reps
+        expanded.append(e)
+        exp_masks.append(m)
+    T = max(len(e) for e in expanded)
+    input_ids = np.full((len(expanded), T), TINY_PAD, np.int32)
+    attention = np.zeros((len(expanded), T), np.int32)
+    loss_mask = np.zeros((len(expanded), T), bool)
+    for r, (e, m) in enumerate(zip(expanded, exp_masks)):
+        input_ids[r, :len(e)], attention[r, :len(e)], loss_mask[r, :len(e)] = e, 1, m
+    pixels = preprocess_images([d.image for d in dialogs], _spec())
+    input_ids, attention, loss_mask = _pad_to_bucket(input_ids, attention, loss_mask)
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, "pixel_values": pixels,
+            **patch_targets([d.objects for d in dialogs], tokenizer, cfg)}
+
+
+def answer_loss(model, batch, grounding: float = 0.0):
+    """Mean cross-entropy of the answer tokens (plus `grounding` x the per-patch grounding loss: the
+    logits at each image position that lies on an object put mass on its colour and shape words), and
+    the answer-token accuracy."""
     out = forward_core(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
     logits = out.logits[:, :-1]  # position p predicts token p + 1
     targets = batch["input_ids"][:, 1:]
@@ -86,6 +168,13 @@ def answer_loss(model, batch):
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     loss = (nll * mask).sum() / mask.sum()
     acc = ((logits.argmax(-1) == targets) * mask).sum() / mask.sum()
+    if grounding:
+        n = batch["patch_mask"].shape[1]
+        img_pos = jnp.argsort(batch["input_ids"] != model.config.image_token_id, axis=1, stable=True)[:, :n]
+        logp = jax.nn.log_softmax(jnp.take_along_axis(out.logits, img_pos[..., None], axis=1))  # (B, N, V)
+        ll = jnp.take_along_axis(logp, batch["patch_words"], axis=-1).mean(-1)  # (B, N)
+        pm = batch["patch_mask"].astype(jnp.float32)
+        loss = loss + grounding * -(ll * pm).sum() / jnp.maximum(pm.sum(), 1.0)
     return loss, acc
 
 
@@ -95,10 +184,10 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
                                                                        weight_decay=tc.weight_decay))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnums=(0, 1))
-def train_step(params, opt_state, batch, *, graphdef, tx):
+@partial(jax.jit, static_argnames=("graphdef", "tx", "grounding"), donate_argnums=(0, 1))
+def train_step(params, opt_state, batch, *, graphdef, tx, grounding=0.0):
     def loss_fn(p):
-        return answer_loss(nnx.merge(graphdef, p), batch)
+        return answer_loss(nnx.merge(graphdef, p), batch, grounding)
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -183,7 +272,12 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
     elif os.path.exists(log_path):
         os.remove(log_path)
     stop = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    fetch = _Prefetch(lambda s: make_batch(toy_data.examples(tc.seed, s, tc.batch_size), tok, cfg), start, stop)
+    if tc.turns > 1:
+        batch_fn = lambda s: make_dialog_batch(toy_data.dialogs(tc.seed, s, tc.batch_size, tc.turns), tok, cfg,  # noqa: E731
+                                               tc.question_words)
+    else:
+        batch_fn = lambda s: make_batch(toy_data.examples(tc.seed, s, tc.batch_size), tok, cfg)  # noqa: E731
+    fetch = _Prefetch(batch_fn, start, stop)
     held_out = eval_examples(tc.seed, tc.eval_size)
     bar = None
     if progress:
@@ -194,7 +288,8 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
     with open(log_path, "a") as logf:
         for step in range(start, stop):
             batch = {k: jnp.asarray(v) for k, v in fetch.get().items()}
-            params, opt_state, loss, acc = train_step(params, opt_state, batch, graphdef=graphdef, tx=tx)
+            params, opt_state, loss, acc = train_step(params, opt_state, batch, graphdef=graphdef, tx=tx,
+                                                     grounding=float(tc.grounding))
             rec = {"step": step + 1, "loss": float(loss), "token_acc": float(acc),
                    "elapsed_s": time.perf_counter() - t0}
             if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:

@@ -102,7 +102,7 @@ def _publish(tmp: str, out: str) -> None:
 
 
 def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("paper", "gradcam"), smooth_n=0,
-                 smooth_sigma=0.15, threshold=None, score="logit", template="vicuna_v1", max_new_tokens=8,
+                 smooth_sigma=0.15, threshold=None, score="logit", template=None, max_new_tokens=8,
                  pad_square=False, heads="mean", queries="predicting", layer=None, max_token_maps=8, seed=0,
                  progress=print) -> dict:
     """Runs every analysis on one (image, question[, answer]) and writes figures, arrays.npz and
@@ -127,6 +127,7 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
                                    "model's greedy answer)")
         step(f"loading {'the embedded tiny model' if checkpoint is None else checkpoint}")
         bundle = load_bundle(checkpoint, template=template)
+        template = bundle.template
     except AnalyzeError:
         raise
     except (CheckpointError, ValueError, OSError) as e:
