@@ -21,6 +21,9 @@ flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay")
 flags.DEFINE_integer("turns", 1, "questions per image and sequence (turns after the first are existence questions)")
 flags.DEFINE_float("grounding", 0.0, "weight of the per-patch grounding loss")
 flags.DEFINE_bool("question_words", False, "dialogs: supervise the object words of 'Yes' existence questions")
+flags.DEFINE_float("text_fraction", 0.0, "single questions: share rewritten as text-only (caption before the "
+                   "question, blank image)")
+flags.DEFINE_float("align", 0.0, "weight of the projector alignment loss (object patches -> word embeddings)")
 flags.DEFINE_integer("seed", 0, "seed of the weights and of the data stream")
 flags.DEFINE_integer("eval_every", 250, "held-out existence accuracy every N steps")
 flags.DEFINE_bool("resume", True, "continue from the latest checkpoint in --out")
@@ -40,7 +43,8 @@ def main(argv):
     tc = T.TrainConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
                        seed=FLAGS.seed, eval_every=FLAGS.eval_every,
                        turns=FLAGS.turns, grounding=FLAGS.grounding,
-                       question_words=FLAGS.question_words)
+                       question_words=FLAGS.question_words, text_fraction=FLAGS.text_fraction,
+                       align=FLAGS.align)
     result = T.train(FLAGS.out, tc, resume=FLAGS.resume)
     hist = result["history"]
     evals = [h for h in hist if "existence_acc" in h]

@@ -78,3 +78,36 @@ def test_patch_targets_cover_the_object_cells():
     assert cells.tolist() == [2 * 8 + 1, 2 * 8 + 2]
     red, circle = tok("red circle", add_special_tokens=False).input_ids
     assert t["patch_words"][0, cells].tolist() == [[red, circle]] * 2
+
+
+def test_described_rewrites_a_share_as_text_and_masks_its_patches():
+    from jaxflow.data.tiny_tokenizer import build_tiny_tokenizer
+    from jaxflow.toy.train import described, make_batch, toy_config
+
+    exs = toy_data.examples(0, 0, 40, kind="existence")
+    out, is_text = described(exs, 0.5, np.random.default_rng(0))
+    assert 10 < is_text.sum() < 30
+    for e, o, t in zip(exs, out, is_text):
+        if t:
+            assert o.question == f"{toy_data.caption(e.objects)} . {e.question}" and o.answer == e.answer
+            assert np.unique(np.asarray(o.image).reshape(-1, 3), axis=0).shape[0] == 1  # a blank image
+        else:
+            assert o is e
+    b = make_batch(out, build_tiny_tokenizer(), toy_config(), is_text)
+    assert not b["patch_mask"][is_text].any() and b["patch_mask"][~is_text].any()
+
+
+def test_a_failing_batch_raises_instead_of_hanging():
+    import pytest
+
+    from jaxflow.toy.train import _Prefetch
+
+    def bad(step):
+        if step == 2:
+            raise ValueError("broken batch")
+        return step
+
+    fetch = _Prefetch(bad, 0, 5)
+    assert [fetch.get(), fetch.get()] == [0, 1]
+    with pytest.raises(ValueError, match="broken batch"):
+        fetch.get()

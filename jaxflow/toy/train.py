@@ -62,23 +62,48 @@ class TrainConfig:
     turns: int = 1  # questions per image and sequence (turns after the first are existence questions)
     grounding: float = 0.0  # weight of the per-patch grounding loss (image positions predict their object's words)
     question_words: bool = False  # dialogs: also supervise the colour and shape words of "Yes" existence questions
+    text_fraction: float = 0.0  # single questions: this share gets the caption before the question and a blank image
+    align: float = 0.0  # weight of the projector alignment loss (object patches -> embed(colour) + embed(shape))
 
 
 def _spec():
     return ImageSpec.for_size(toy_data.IMAGE_SIZE)
 
 
-def make_batch(examples, tokenizer, cfg: LlavaConfig) -> dict:
+_BLANK = None
+
+
+def described(examples, fraction: float, rng: np.random.Generator):
+    """(examples, is_text (B,) bool): a `fraction` of the examples rewritten as text-only ones, the
+    caption put before the question ("a red circle and a blue square . Is there ...") and the image
+    replaced by a blank grey one, so that the decoder learns to bind words on text too."""
+    global _BLANK
+    is_text = rng.random(len(examples)) < fraction
+    if not is_text.any():
+        return examples, is_text
+    if _BLANK is None:
+        from PIL import Image
+
+        _BLANK = Image.new("RGB", (toy_data.IMAGE_SIZE,) * 2, (128, 128, 128))
+    out = [dataclasses.replace(e, question=f"{toy_data.caption(e.objects)} . {e.question}", image=_BLANK)
+           if t else e for e, t in zip(examples, is_text)]
+    return out, is_text
+
+
+def make_batch(examples, tokenizer, cfg: LlavaConfig, is_text=None) -> dict:
     """Examples -> numpy arrays: input_ids/attention_mask (B, T) (right padded), loss_mask (B, T) True where
-    the token is predicted (answer tokens and the EOS after them), pixel_values (B, 3, H, W)."""
+    the token is predicted (answer tokens and the EOS after them), pixel_values (B, 3, H, W), and the
+    per-patch targets (`patch_targets`; none for rows marked in is_text (B,) bool)."""
     prompts = [format_prompt(e.question, TEMPLATE) for e in examples]
     answers = [list(tokenizer(e.answer, add_special_tokens=False).input_ids) + [TINY_EOS] for e in examples]
     enc = encode_batch(tokenizer, prompts, image_token="<image>", image_token_id=cfg.image_token_id,
                        num_image_tokens=cfg.num_image_tokens, answers=answers, padding_side="right")
     pixels = preprocess_images([e.image for e in examples], _spec())
     ids, att, loss_mask = _pad_to_bucket(enc.input_ids, enc.attention_mask, enc.answer_mask)
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss_mask,
-            "pixel_values": pixels, **patch_targets([e.objects for e in examples], tokenizer, cfg)}
+    patches = patch_targets([e.objects for e in examples], tokenizer, cfg)
+    if is_text is not None:
+        patches["patch_mask"] &= ~np.asarray(is_text, bool)[:, None]
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss_mask, "pixel_values": pixels, **patches}
 
 
 LENGTH_BUCKET = 16  # sequence lengths are padded to a multiple of this: the train step compiles a few times only
@@ -157,10 +182,12 @@ def make_dialog_batch(dialogs, tokenizer, cfg: LlavaConfig, question_words: bool
             **patch_targets([d.objects for d in dialogs], tokenizer, cfg)}
 
 
-def answer_loss(model, batch, grounding: float = 0.0):
-    """Mean cross-entropy of the answer tokens (plus `grounding` x the per-patch grounding loss: the
-    logits at each image position that lies on an object put mass on its colour and shape words), and
-    the answer-token accuracy."""
+def answer_loss(model, batch, grounding: float = 0.0, align: float = 0.0):
+    """Mean cross-entropy of the answer tokens, and the answer-token accuracy. Optional terms:
+    `grounding` x the per-patch grounding loss (the logits at each image position that lies on an
+    object put mass on its colour and shape words); `align` x the alignment loss (the projected
+    image feature of such a patch approaches embed(colour) + embed(shape), relative squared error,
+    the embeddings held fixed for this term)."""
     out = forward_core(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
     logits = out.logits[:, :-1]  # position p predicts token p + 1
     targets = batch["input_ids"][:, 1:]
@@ -175,6 +202,13 @@ def answer_loss(model, batch, grounding: float = 0.0):
         ll = jnp.take_along_axis(logp, batch["patch_words"], axis=-1).mean(-1)  # (B, N)
         pm = batch["patch_mask"].astype(jnp.float32)
         loss = loss + grounding * -(ll * pm).sum() / jnp.maximum(pm.sum(), 1.0)
+    if align:
+        feats = model.image_features(batch["pixel_values"])  # (B, N, D)
+        emb = model.language_model.embed_tokens[...]
+        tgt = jax.lax.stop_gradient(emb[batch["patch_words"][..., 0]] + emb[batch["patch_words"][..., 1]])
+        err = ((feats - tgt) ** 2).sum(-1) / ((tgt ** 2).sum(-1) + 1e-6)  # (B, N)
+        pm = batch["patch_mask"].astype(jnp.float32)
+        loss = loss + align * (err * pm).sum() / jnp.maximum(pm.sum(), 1.0)
     return loss, acc
 
 
@@ -184,10 +218,10 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
                                                                        weight_decay=tc.weight_decay))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "tx", "grounding"), donate_argnums=(0, 1))
-def train_step(params, opt_state, batch, *, graphdef, tx, grounding=0.0):
+@partial(jax.jit, static_argnames=("graphdef", "tx", "grounding", "align"), donate_argnums=(0, 1))
+def train_step(params, opt_state, batch, *, graphdef, tx, grounding=0.0, align=0.0):
     def loss_fn(p):
-        return answer_loss(nnx.merge(graphdef, p), batch, grounding)
+        return answer_loss(nnx.merge(graphdef, p), batch, grounding, align)
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -204,11 +238,17 @@ class _Prefetch:
         self.t.start()
 
     def _run(self, fn, start, stop):
-        for s in range(start, stop):
-            self.q.put(fn(s))
+        try:
+            for s in range(start, stop):
+                self.q.put(fn(s))
+        except BaseException as e:  # handed to the consumer, which re-raises it (never a silent hang)
+            self.q.put(e)
 
     def get(self):
-        return self.q.get()
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 def eval_examples(seed: int, n: int, kind: str = "existence") -> list:
@@ -276,7 +316,10 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
         batch_fn = lambda s: make_dialog_batch(toy_data.dialogs(tc.seed, s, tc.batch_size, tc.turns), tok, cfg,  # noqa: E731
                                                tc.question_words)
     else:
-        batch_fn = lambda s: make_batch(toy_data.examples(tc.seed, s, tc.batch_size), tok, cfg)  # noqa: E731
+        def batch_fn(s):
+            exs, is_text = described(toy_data.examples(tc.seed, s, tc.batch_size), tc.text_fraction,
+                                     np.random.default_rng([tc.seed, s, 1]))
+            return make_batch(exs, tok, cfg, is_text)
     fetch = _Prefetch(batch_fn, start, stop)
     held_out = eval_examples(tc.seed, tc.eval_size)
     bar = None
@@ -289,7 +332,7 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
         for step in range(start, stop):
             batch = {k: jnp.asarray(v) for k, v in fetch.get().items()}
             params, opt_state, loss, acc = train_step(params, opt_state, batch, graphdef=graphdef, tx=tx,
-                                                     grounding=float(tc.grounding))
+                                                     grounding=float(tc.grounding), align=float(tc.align))
             rec = {"step": step + 1, "loss": float(loss), "token_acc": float(acc),
                    "elapsed_s": time.perf_counter() - t0}
             if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
