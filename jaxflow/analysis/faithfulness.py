@@ -258,10 +258,12 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
     import tempfile
 
     from jaxflow.convert import CheckpointError
-    from jaxflow.pipeline import load_bundle, write_json
+    from jaxflow.pipeline import load_bundle, publish_dir, write_json
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     methods = tuple(methods)
@@ -293,14 +295,7 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
                  **{f"{m}_hits": result.hits[m] for m in methods}, **{f"{m}_energy": result.energies[m] for m in methods})
         plot_faithfulness(result, os.path.join(tmp, "faithfulness.png"),
                           title=f"{bundle.name}: LLaVA-CAM faithfulness ({result.n} samples)")
-        if os.path.isdir(final):
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(final, name))
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(final):
-            raise ValueError(f"--out {out} exists and is not a folder")
-        else:
-            os.rename(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -70,22 +70,15 @@ def _spec():
     return ImageSpec.for_size(toy_data.IMAGE_SIZE)
 
 
-_BLANK = None
-
-
 def described(examples, fraction: float, rng: np.random.Generator):
     """(examples, is_text (B,) bool): a `fraction` of the examples rewritten as text-only ones, the
     caption put before the question ("a red circle and a blue square . Is there ...") and the image
     replaced by a blank grey one, so that the decoder learns to bind words on text too."""
-    global _BLANK
-    is_text = rng.random(len(examples)) < fraction
-    if not is_text.any():
-        return examples, is_text
-    if _BLANK is None:
-        from PIL import Image
+    from PIL import Image
 
-        _BLANK = Image.new("RGB", (toy_data.IMAGE_SIZE,) * 2, (128, 128, 128))
-    out = [dataclasses.replace(e, question=f"{toy_data.caption(e.objects)} . {e.question}", image=_BLANK)
+    is_text = rng.random(len(examples)) < fraction
+    blank = Image.new("RGB", (toy_data.IMAGE_SIZE,) * 2, (128, 128, 128))
+    out = [dataclasses.replace(e, question=f"{toy_data.caption(e.objects)} . {e.question}", image=blank)
            if t else e for e, t in zip(examples, is_text)]
     return out, is_text
 
@@ -148,34 +141,29 @@ def make_dialog_batch(dialogs, tokenizer, cfg: LlavaConfig, question_words: bool
     questions answered "Yes" are supervised too (they name an object of the image: predicting the shape
     after the colour word makes the model look it up in the image)."""
     object_words = {_word_id(tokenizer, w) for w in list(toy_data.COLORS) + list(toy_data.SHAPES)}
-    rows, masks = [], []
+    rests, sups = [], []  # per dialog: the ids after the first prompt, and which of them are supervised
     for d in dialogs:
-        ids, sup = [], []
+        rest, sup = [], []
         for t, (q, a, kind) in enumerate(d.turns):
-            text = format_prompt(q, TEMPLATE) if t == 0 else f"USER: {q} ASSISTANT:"
-            p = list(tokenizer(text, add_special_tokens=(t == 0)).input_ids)
+            p = [] if t == 0 else list(tokenizer(f"USER: {q} ASSISTANT:", add_special_tokens=False).input_ids)
             ans = list(tokenizer(a, add_special_tokens=False).input_ids) + [TINY_EOS]
-            ids += p + ans
-            ask = [question_words and kind == "existence" and a == "Yes" and tok in object_words for tok in p]
-            sup += ask + [True] * len(ans)
-        rows.append(ids)
-        masks.append(sup)
-    n_img = cfg.num_image_tokens
-    expanded, exp_masks = [], []
-    for ids, sup in zip(rows, masks):
-        e, m = [], []
-        for tok, s in zip(ids, sup):
-            reps = n_img if tok == cfg.image_token_id else 1
-            e += [tok] * reps
-            m += [s] * reps
-        expanded.append(e)
-        exp_masks.append(m)
-    T = max(len(e) for e in expanded)
-    input_ids = np.full((len(expanded), T), TINY_PAD, np.int32)
-    attention = np.zeros((len(expanded), T), np.int32)
-    loss_mask = np.zeros((len(expanded), T), bool)
-    for r, (e, m) in enumerate(zip(expanded, exp_masks)):
-        input_ids[r, :len(e)], attention[r, :len(e)], loss_mask[r, :len(e)] = e, 1, m
+            rest += p + ans
+            sup += [question_words and kind == "existence" and a == "Yes" and tok in object_words for tok in p]
+            sup += [True] * len(ans)
+        rests.append(rest)
+        sups.append(sup)
+    first = [d.turns[0] for d in dialogs]
+    enc = encode_batch(tokenizer, [format_prompt(q, TEMPLATE) for q, _, _ in first], image_token="<image>",
+                       image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens, answers=rests,
+                       padding_side="right")
+    loss_mask = np.zeros_like(enc.answer_mask)
+    for r, sup in enumerate(sups):
+        loss_mask[r, enc.answer_mask[r]] = sup
+        _, a, kind = first[r]
+        if question_words and kind == "existence" and a == "Yes":  # the first question's object words
+            n = enc.prompt_lengths[r]
+            loss_mask[r, :n] = np.isin(enc.input_ids[r, :n], list(object_words))
+    input_ids, attention = enc.input_ids, enc.attention_mask
     pixels = preprocess_images([d.image for d in dialogs], _spec())
     input_ids, attention, loss_mask = _pad_to_bucket(input_ids, attention, loss_mask)
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, "pixel_values": pixels,

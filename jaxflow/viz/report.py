@@ -30,7 +30,7 @@ from jaxflow.analysis.attention import attention_analysis
 from jaxflow.analysis.cam import METHODS, llava_cams
 from jaxflow.analysis.flow import FLOWS, information_flow
 from jaxflow.pipeline import answer as greedy_answer
-from jaxflow.pipeline import encode, load_bundle, spans_summary, write_json
+from jaxflow.pipeline import encode, load_bundle, publish_dir, spans_summary, write_json
 
 QUERIES = ("predicting", "answer")
 
@@ -90,15 +90,8 @@ def _load_tokenizer(checkpoint):
 
 
 def _publish(tmp: str, out: str) -> None:
-    """Moves the finished files of `tmp` into `out` (a rename when `out` does not exist yet)."""
-    if not os.path.exists(out):
-        os.rename(tmp, out)
-        return
-    if not os.path.isdir(out):
-        raise AnalyzeError(f"--out {out} exists and is not a folder")
-    for name in sorted(os.listdir(tmp)):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Moves the finished files of `tmp` into `out` (`pipeline.publish_dir`)."""
+    publish_dir(tmp, out, AnalyzeError)
 
 
 def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("paper", "gradcam"), smooth_n=0,
