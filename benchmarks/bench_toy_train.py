@@ -4,8 +4,8 @@ the batch layouts scripts/train_toy.py offers, measured side by side in one run.
 
     python benchmarks/bench_toy_train.py [--steps 20]
 
-Wall time to the accuracy target is read from a training run's log.jsonl (elapsed_s at the first
-record whose existence_acc reaches it); see docs/toy.md.
+Wall time to the accuracy target is read from a training run's log.jsonl
+(`jaxflow.toy.train.log_summary`; scripts/train_toy.py prints it); see docs/toy.md.
 """
 import argparse
 import time
@@ -33,13 +33,15 @@ def measure(name, make, tc, steps):
     shapes = {b["input_ids"].shape for b in batches}
     for b in batches:  # compile every shape first
         if b["input_ids"].shape in shapes:
-            params, opt, loss, _ = T.train_step(params, opt, b, graphdef=graphdef, tx=tx, grounding=tc.grounding)
+            params, opt, loss, _ = T.train_step(params, opt, b, graphdef=graphdef, tx=tx, grounding=tc.grounding,
+                                                 align=tc.align)
             shapes.discard(b["input_ids"].shape)
     jax.block_until_ready(loss)
     times = []
     for b in batches[1:]:
         t = time.perf_counter()
-        params, opt, loss, _ = T.train_step(params, opt, b, graphdef=graphdef, tx=tx, grounding=tc.grounding)
+        params, opt, loss, _ = T.train_step(params, opt, b, graphdef=graphdef, tx=tx, grounding=tc.grounding,
+                                                 align=tc.align)
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t)
     step = float(np.median(times))
@@ -55,14 +57,14 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {args.steps} timed steps each (median)")
-    single = T.TrainConfig(batch_size=32)
-    dialog = T.TrainConfig(batch_size=8, turns=6, grounding=1.0, question_words=True)
+    single = T.TrainConfig(batch_size=32, turns=1, grounding=0.0, question_words=False, align=0.0)
+    recipe = T.TrainConfig()  # the shipped model's: 16 six-question dialogs, grounding, question words, align
     a = measure("32 single questions", lambda s, tok, cfg: T.make_batch(
         toy_data.examples(0, s, 32), tok, cfg), single, args.steps)
-    b = measure("8 dialogs x 6 turns, grounding, question words", lambda s, tok, cfg: T.make_dialog_batch(
-        toy_data.dialogs(0, s, 8, 6), tok, cfg, True), dialog, args.steps)
-    print(f"questions/s, dialogs vs single: {(48 / b) / (32 / a):.2f}x")
-
+    b = measure(f"{recipe.batch_size} dialogs x {recipe.turns} turns (the recipe)", lambda s, tok, cfg: T.make_dialog_batch(
+        toy_data.dialogs(0, s, recipe.batch_size, recipe.turns), tok, cfg, recipe.question_words), recipe, args.steps)
+    print(f"questions/s, recipe dialogs vs single questions: "
+          f"{(recipe.batch_size * recipe.turns / b) / (32 / a):.2f}x")
 
 if __name__ == "__main__":
     main()

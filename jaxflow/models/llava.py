@@ -53,10 +53,14 @@ class Llava(nnx.Module):
         input_ids (B, T); pixel_values (B_img, C, H, W) or None -> (B, T, D). As transformers'
         masked_scatter: the i-th image token of the batch (row-major) gets the i-th feature row.
         """
-        x = self.language_model.embed(input_ids)
         if pixel_values is None:
-            return x
-        feats = self.image_features(pixel_values, impl).astype(x.dtype)
+            return self.language_model.embed(input_ids)
+        return self.embed_with_features(input_ids, self.image_features(pixel_values, impl))
+
+    def embed_with_features(self, input_ids, feats):
+        """`embed` with the projected image features (B_img, N, D) given: input_ids (B, T) -> (B, T, D)."""
+        x = self.language_model.embed(input_ids)
+        feats = feats.astype(x.dtype)
         flat = feats.reshape(-1, feats.shape[-1])  # (B_img * N, D)
         is_img = input_ids == self.config.image_token_id
         idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(is_img.shape)
