@@ -28,7 +28,17 @@ class Bundle:
         return self.model.config
 
 
-DEFAULT_MODEL_NAME = "tiny-random"  # what checkpoint=None loads (jaxflow.tiny)
+DEFAULT_MODEL_NAME = "toy-llava"  # what checkpoint=None loads: the trained toy model in jaxflow/assets/toy_llava
+
+
+def default_checkpoint() -> str:
+    """The directory of the embedded default model (the toy LLaVA trained by scripts/train_toy.py)."""
+    from jaxflow.toy import TOY_CHECKPOINT
+
+    if not os.path.isfile(os.path.join(TOY_CHECKPOINT, "config.json")):
+        raise FileNotFoundError(f"the embedded toy checkpoint is missing from {TOY_CHECKPOINT}: reinstall jaxflow "
+                                "(it ships as package data) or pass --checkpoint")
+    return TOY_CHECKPOINT
 
 
 def checkpoint_name(checkpoint: str | None) -> str:
@@ -38,9 +48,9 @@ def checkpoint_name(checkpoint: str | None) -> str:
 
 def default_template(checkpoint: str | None) -> str:
     """The prompt template a checkpoint expects: the "template" of its toy.json if it has one (models
-    trained by jaxflow.toy: "llava_hf"), else LLaVA-1.5's "vicuna_v1" (also for checkpoint=None)."""
-    meta = None if checkpoint is None else os.path.join(checkpoint, "toy.json")
-    if meta is not None and os.path.isfile(meta):
+    trained by jaxflow.toy, the embedded default too: "llava_hf"), else LLaVA-1.5's "vicuna_v1"."""
+    meta = os.path.join(default_checkpoint() if checkpoint is None else checkpoint, "toy.json")
+    if os.path.isfile(meta):
         try:
             with open(meta) as f:
                 return str(json.load(f).get("template") or "vicuna_v1")
@@ -51,15 +61,11 @@ def default_template(checkpoint: str | None) -> str:
 
 def load_bundle(checkpoint: str | None = None, *, template: str | None = None, dtype: str | None = None) -> Bundle:
     """A converted checkpoint (model, its tokenizer, its image processor settings), or with
-    checkpoint=None the embedded tiny random model. template None: the checkpoint's own
+    checkpoint=None the embedded toy model ("toy-llava"). template None: the checkpoint's own
     (`default_template`)."""
     template = template or default_template(checkpoint)
     if checkpoint is None:
-        from jaxflow import tiny
-
-        cfg = tiny.tiny_config()
-        return Bundle(tiny.tiny_model(), tiny.tiny_tokenizer(), ImageSpec.for_size(cfg.vision.image_size),
-                      name=DEFAULT_MODEL_NAME, template=template)
+        return _load_dir(default_checkpoint(), DEFAULT_MODEL_NAME, template, dtype)
     return _load_dir(checkpoint, checkpoint_name(checkpoint), template, dtype)
 
 

@@ -1,4 +1,6 @@
-"""The embedded default: a tiny, deterministic, randomly initialised LLaVA and its word-level tokenizer.
+"""A tiny, deterministic, randomly initialised LLaVA and its word-level tokenizer (for tests and
+pipeline checks), and the bundled demo image. The embedded default model is the trained toy LLaVA
+(`jaxflow.pipeline.load_bundle(None)`, jaxflow/assets/toy_llava), which shares this tokenizer.
 
 Nothing is downloaded. The architecture is LLaVA-1.5's (CLIP tower, 2-layer GELU projector, Llama
 decoder with GQA) at toy sizes: a 112 px image gives an 8x8 grid of 64 image tokens.
@@ -58,3 +60,15 @@ def tiny_model(seed: int = 0, dtype=jnp.float32) -> Llava:
 
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+def save_tiny_checkpoint(path: str, seed: int = 0, *, overwrite: bool = False) -> str:
+    """Writes the tiny random model and its tokenizer as a jaxflow checkpoint (a random model for
+    checking pipelines: its outputs vary with the image and the cut layer, but mean nothing)."""
+    import tempfile
+
+    from jaxflow.convert.checkpoint import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_tokenizer().save_pretrained(tmp)
+        return save_model(tiny_model(seed), path, overwrite=overwrite, sidecar_dir=tmp)

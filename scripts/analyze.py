@@ -1,7 +1,8 @@
 """The paper's instruments on one image and question: LLaVA-CAM (every layer, per answer token),
 attention shares of S / T / U, image attention and information-flow saliency; figures + arrays.
 
-With no flags it runs on the embedded tiny random model and the bundled image (no downloads):
+With no flags it runs on the embedded toy model (jaxflow/assets/toy_llava, trained on synthetic shapes)
+and the bundled image (no downloads):
     python scripts/analyze.py
     python scripts/analyze.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg \\
         --question "Is there a cat in the image?" --methods paper,gradcam --smooth_n 8 --out outputs/cat
@@ -16,7 +17,7 @@ from absl import flags, logging
 
 from jaxflow.cli import run
 
-flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
 flags.DEFINE_string("answer", None, "answer to explain (teacher-forced); default: the model's greedy answer")

@@ -1,7 +1,8 @@
 """Runs a LLaVA model on one image and question: greedy answer, token-group spans, and (unless
 --noanalyses) every instrument: LLaVA-CAM per layer, attention shares, information flow, truncation sweep.
 
-With no flags it uses the embedded tiny random model and the bundled image (no downloads):
+With no flags it uses the embedded toy model (jaxflow/assets/toy_llava, trained on synthetic shapes)
+and the bundled image (no downloads):
     python scripts/demo.py
     python scripts/demo.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg --question "What is this?"
 """
@@ -12,7 +13,7 @@ from absl import flags, logging
 
 from jaxflow.cli import run
 
-flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
 flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "

@@ -2,10 +2,11 @@
 truncation: every cut layer K in one pass, per-item predictions as it goes (resumable), summary, CSV,
 figure and cliff layer.
 
-Offline, on the embedded tiny random model and the bundled fixtures of a benchmark's file format:
+Offline, on the embedded toy model: a generated held-out toy set (toy POPE / toy captions, see
+docs/toy.md), where the figure shows a real cliff:
+    python scripts/evaluate.py --dataset toy_pope
+or the bundled fixtures of a benchmark's file format (the toy model knows nothing of COCO):
     python scripts/evaluate.py --dataset pope
-or a generated held-out toy set (toy POPE / toy captions, see docs/toy.md):
-    python scripts/evaluate.py --dataset toy_pope --checkpoint outputs/toy_llava   # from train_toy.py --ship
 A real run:
     python scripts/evaluate.py --checkpoint checkpoints/llava-1.5-7b --dataset pope \\
         --data_dir data/pope --image_dir data/coco/val2014 --sweep all --batch_size 16 --out outputs/eval/pope
@@ -20,7 +21,7 @@ from jaxflow.cli import run
 
 flags.DEFINE_enum("dataset", None, ["pope", "textvqa", "scienceqa", "chair", "toy_pope", "toy_caption"],
                   "the benchmark (toy_pope / toy_caption: generated held-out toy shapes sets)")
-flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("data_dir", None, "the data set's annotation files (default: the bundled fixtures)")
 flags.DEFINE_string("image_dir", None, "the image folder (required with --data_dir)")
 flags.DEFINE_string("sweep", "all", "cut layers: all (K = 0..L), none (the plain model only) or a list like 0,8,16 "

@@ -14,7 +14,7 @@ from absl import flags, logging
 
 from jaxflow.cli import run
 
-flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("boxes", None, "JSON-lines file of your own samples with boxes (default: held-out toy samples)")
 flags.DEFINE_string("image_dir", None, "folder of the --boxes images (default: the boxes file's folder)")
 flags.DEFINE_integer("n", 200, "toy samples (without --boxes)")

@@ -1,7 +1,7 @@
 """Answer one question about one image with the image cut out of attention from layer K on, for
 every K at once; plot the answer's probability against K with the cliff layer marked.
 
-    python scripts/truncation_sweep.py                       # embedded tiny model and bundled image
+    python scripts/truncation_sweep.py                       # embedded toy model and bundled image
     python scripts/truncation_sweep.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg \
         --question "Is there a cat in the image?" --max_new_tokens 8 --out outputs/sweep
 """
@@ -12,7 +12,7 @@ from absl import flags, logging
 
 from jaxflow.cli import run
 
-flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded tiny random model)")
+flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
 flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "

@@ -27,3 +27,12 @@ def converted_pair(tmp_path_factory):
         return cache[case]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny random model (jaxflow.tiny) as a checkpoint directory named "tiny-random": tests of
+    pipeline mechanics use it, whose answers vary with the image and the cut layer."""
+    from jaxflow.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-random"))

@@ -62,7 +62,7 @@ def test_arrays_have_expected_shapes_and_ranges(default_run):
     s = json.loads((out / "summary.json").read_text())
     a = dict(np.load(out / "arrays.npz"))
     n_ans = len(s["answer_ids"])
-    assert 1 <= n_ans <= 3 and s["answer_given"] is False and s["model"] == "tiny-random"
+    assert 1 <= n_ans <= 3 and s["answer_given"] is False and s["model"] == "toy-llava"
     assert s["num_layers"] == L and s["grid"] == [G, G]
     # the answer is teacher-forced at the end of the sequence
     np.testing.assert_array_equal(a["input_ids"][a["answer_mask"]], s["answer_ids"])

@@ -49,7 +49,7 @@ def test_demo_script_default(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "model_input.png").stat().st_size > 1000
-    assert summary["model"] == "tiny-random"
+    assert summary["model"] == "toy-llava"
     spans = summary["spans"][0]
     n_img = summary["num_image_tokens"]
     assert n_img == 64 and spans["image"][1] - spans["image"][0] == n_img

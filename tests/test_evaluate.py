@@ -25,9 +25,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4  # every run below uses it, so the compiled programs are shared
 
 
+_TINY = {}  # the tiny random checkpoint (set by the bundle fixture): these are tests of mechanics
+
+
 @pytest.fixture(scope="module")
-def bundle():
-    return load_bundle(None)
+def bundle(tiny_checkpoint):
+    _TINY["path"] = tiny_checkpoint
+    return load_bundle(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,7 @@ def fixtures(tmp_path_factory):
 def _cfg(dataset, out, fixtures=None, **kw):
     kw.setdefault("batch_size", BATCH)
     kw.setdefault("progress", False)
+    kw.setdefault("checkpoint", _TINY.get("path"))
     if fixtures is not None:
         kw.setdefault("data_dir", fixtures[1][dataset][0])
         kw.setdefault("image_dir", fixtures[1][dataset][1])

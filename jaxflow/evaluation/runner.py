@@ -2,7 +2,7 @@
 a summary, a CSV and a figure out; resumable.
 
     from jaxflow.evaluation import EvalConfig, run_evaluation
-    res = run_evaluation(EvalConfig(dataset="pope", out="outputs/eval/pope"))   # fixtures + tiny model
+    res = run_evaluation(EvalConfig(dataset="pope", out="outputs/eval/pope"))   # fixtures + the embedded toy model
     res.summary["cliff_layer"], res.summary["per_layer"]
 
 Batching. Items are ordered by prompt length, longest first (ties in data-set order), and cut into
@@ -48,7 +48,7 @@ class EvalConfig:
     """What to evaluate and where to write it (the flags of scripts/evaluate.py).
 
     dataset: pope | textvqa | scienceqa | chair | toy_pope | toy_caption. checkpoint: a jaxflow
-    checkpoint directory (None: the embedded tiny random model). data_dir / image_dir: the data
+    checkpoint directory (None: the embedded toy model, jaxflow/assets/toy_llava). data_dir / image_dir: the data
     set's files (both None: the bundled fixtures, written under ``out/fixtures``; for the toy sets,
     ``options["n"]`` (default 100) questions per POPE split or captions generated with ``seed``
     under ``out/toy_data``). sweep: "all" (K = 0..L), "none" (the plain

@@ -118,7 +118,7 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
             if not answer_ids:
                 raise AnalyzeError(f"--answer {answer!r} tokenises to no tokens (leave it out to explain the "
                                    "model's greedy answer)")
-        step(f"loading {'the embedded tiny model' if checkpoint is None else checkpoint}")
+        step(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
         bundle = load_bundle(checkpoint, template=template)
         template = bundle.template
     except AnalyzeError:
