@@ -33,10 +33,11 @@ DEFAULT_MODEL_NAME = "toy-llava"  # what checkpoint=None loads: the trained toy 
 
 def default_checkpoint() -> str:
     """The directory of the embedded default model (the toy LLaVA trained by scripts/train_toy.py)."""
+    from jaxflow.convert import CheckpointError
     from jaxflow.toy import TOY_CHECKPOINT
 
     if not os.path.isfile(os.path.join(TOY_CHECKPOINT, "config.json")):
-        raise FileNotFoundError(f"the embedded toy checkpoint is missing from {TOY_CHECKPOINT}: reinstall jaxflow "
+        raise CheckpointError(f"the embedded toy checkpoint is missing from {TOY_CHECKPOINT}: reinstall jaxflow "
                                 "(it ships as package data) or pass --checkpoint")
     return TOY_CHECKPOINT
 

@@ -80,3 +80,12 @@ def test_toy_pope_sweep_has_a_real_cliff(tmp_path, bundle):
     assert abs(acc[0] - 0.5) <= 0.1, acc  # 180 questions: one standard error is 0.037
     assert acc[L] >= TARGET, acc
     assert res.summary["cliff_layer"] is not None and 0 < res.summary["cliff_layer"] <= L
+
+
+def test_missing_embedded_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    import jaxflow.toy
+    from jaxflow.convert import CheckpointError
+
+    monkeypatch.setattr(jaxflow.toy, "TOY_CHECKPOINT", str(tmp_path / "gone"))
+    with pytest.raises(CheckpointError, match="embedded toy checkpoint is missing"):
+        load_bundle(None)
