@@ -3,7 +3,7 @@ plain model, per item, on the tiny model and on the bench config.
 
     python benchmarks/bench_eval.py [--threads 2 --tiny_items 64 --batch 4 --repeats 5]
 
-1. Tiny model (jaxflow's embedded default, 4 layers): the real runner (`run_evaluation`, what
+1. Tiny model (the random one of jaxflow.tiny, 4 layers, as a checkpoint): the real runner (`run_evaluation`, what
    scripts/evaluate.py runs: image loading, batching, generation, decoding, scoring, fsynced
    appends) on a POPE file of --tiny_items questions over the fixture images, --sweep all (K = 0..4,
    5 variants) and --sweep none. Cold = first run in the process (XLA compiles included); warm =
@@ -70,10 +70,13 @@ def bench_tiny(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         write_fixtures(tmp)
         data_dir, image_dir = write_big_pope(tmp, args.tiny_items)
-        bundle = load_bundle(None)
+        from jaxflow.tiny import save_tiny_checkpoint
+
+        ckpt = save_tiny_checkpoint(os.path.join(tmp, "tiny-random"))
+        bundle = load_bundle(ckpt)
 
         def run(sweep, tag):
-            cfg = EvalConfig(dataset="pope", data_dir=data_dir, image_dir=image_dir, sweep=sweep,
+            cfg = EvalConfig(dataset="pope", checkpoint=ckpt, data_dir=data_dir, image_dir=image_dir, sweep=sweep,
                              batch_size=args.batch, out=os.path.join(tmp, f"{sweep}-{tag}"), progress=False,
                              max_new_tokens=args.max_new_tokens)
             t0 = time.perf_counter()

@@ -43,8 +43,13 @@ def default_checkpoint() -> str:
 
 
 def checkpoint_name(checkpoint: str | None) -> str:
-    """The model name of a checkpoint directory (None: the embedded default model)."""
-    return DEFAULT_MODEL_NAME if checkpoint is None else os.path.basename(os.path.normpath(checkpoint))
+    """The model name of a checkpoint directory (None, or the embedded model's own path: the default's
+    name)."""
+    from jaxflow.toy import TOY_CHECKPOINT
+
+    if checkpoint is None or os.path.realpath(checkpoint) == os.path.realpath(TOY_CHECKPOINT):
+        return DEFAULT_MODEL_NAME
+    return os.path.basename(os.path.normpath(checkpoint))
 
 
 def default_template(checkpoint: str | None) -> str:

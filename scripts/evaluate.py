@@ -3,7 +3,7 @@ truncation: every cut layer K in one pass, per-item predictions as it goes (resu
 figure and cliff layer.
 
 Offline, on the embedded toy model: a generated held-out toy set (toy POPE / toy captions, see
-docs/toy.md), where the figure shows a real cliff:
+docs/toy.md), where accuracy falls from the model's (K = L) to chance (K = 0):
     python scripts/evaluate.py --dataset toy_pope
 or the bundled fixtures of a benchmark's file format (the toy model knows nothing of COCO):
     python scripts/evaluate.py --dataset pope

@@ -36,15 +36,16 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.steps < 1 or FLAGS.batch_size < 1 or FLAGS.lr <= 0 or FLAGS.turns < 1:
-        print("error: --steps, --batch_size, --turns and --lr must be positive", file=sys.stderr)
-        sys.exit(2)
     tc = T.TrainConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
                        seed=FLAGS.seed, eval_every=FLAGS.eval_every,
                        turns=FLAGS.turns, grounding=FLAGS.grounding,
                        question_words=FLAGS.question_words, text_fraction=FLAGS.text_fraction,
                        align=FLAGS.align)
-    result = T.train(FLAGS.out, tc, resume=FLAGS.resume)
+    try:
+        result = T.train(FLAGS.out, tc, resume=FLAGS.resume)
+    except T.TrainSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     summary = T.log_summary(T.read_log(FLAGS.out))
     if summary["existence_acc"] is not None:
         reached = ("not reached" if summary["step_at_target"] is None else

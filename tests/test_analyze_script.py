@@ -12,7 +12,7 @@ from jaxflow import tiny
 from jaxflow.viz.report import AnalyzeError, run_analysis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-L, G = 4, 8  # the tiny model: 4 decoder layers, 8x8 image grid
+L, G = 4, 8  # the embedded toy model: 4 decoder layers, 8x8 image grid
 
 
 def _run(*args):

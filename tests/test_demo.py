@@ -1,4 +1,5 @@
-"""The embedded default: tiny model determinism, checkpoint round trip, and the demo script end to end."""
+"""The tiny random model's determinism, a checkpoint round trip of the embedded (toy) model, and the demo
+script end to end."""
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ def test_save_and_load_round_trip(tmp_path):
     bundle = load_bundle(None)
     batch, pixels = encode(bundle, [tiny.DEMO_IMAGE, tiny.DEMO_IMAGE], ["Is there a red circle?", "What colour?"])
     want = np.asarray(jaxflow.forward(bundle.model, batch.input_ids, pixels, batch.attention_mask).logits)
-    path = jaxflow.save_model(bundle.model, str(tmp_path / "tiny"))
+    path = jaxflow.save_model(bundle.model, str(tmp_path / "toy"))
     bundle.tokenizer.save_pretrained(path)
     back = load_bundle(path)
     got = np.asarray(jaxflow.forward(back.model, batch.input_ids, pixels, batch.attention_mask).logits)

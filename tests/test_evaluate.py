@@ -43,7 +43,7 @@ def fixtures(tmp_path_factory):
 def _cfg(dataset, out, fixtures=None, **kw):
     kw.setdefault("batch_size", BATCH)
     kw.setdefault("progress", False)
-    kw.setdefault("checkpoint", _TINY.get("path"))
+    kw.setdefault("checkpoint", _TINY["path"])  # KeyError: the test must request the bundle fixture
     if fixtures is not None:
         kw.setdefault("data_dir", fixtures[1][dataset][0])
         kw.setdefault("image_dir", fixtures[1][dataset][1])
@@ -334,7 +334,7 @@ def test_script_errors(args, msg, tmp_path):
 
 
 def test_script_end_to_end_offline(tmp_path):
-    """`python scripts/evaluate.py --dataset scienceqa` on the bundled fixtures and the tiny model."""
+    """`python scripts/evaluate.py --dataset scienceqa` on the bundled fixtures and the embedded toy model."""
     out = tmp_path / "sqa"
     res = _script("--dataset=scienceqa", f"--out={out}", "--progress=false")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -61,8 +61,8 @@ def test_read_box_samples_errors(tmp_path):
         read_box_samples(str(p))
 
 
-def test_faithfulness_end_to_end_tiny_model(tmp_path):
-    """On the tiny model: per-sample hits/energies are those of the CAM maps `llava_cams` returns for the
+def test_faithfulness_end_to_end_default_model(tmp_path):
+    """On the embedded (toy) model: per-sample hits/energies are those of the CAM maps `llava_cams` returns for the
     same inputs, the chance levels are the boxes' shares, and the script writes its files."""
     import json
     import os

@@ -1,27 +1,53 @@
 """Toy training: the loss falls, and a run resumed from its orbax checkpoint follows the same curve."""
 import numpy as np
+import pytest
 
 from jaxflow.toy import data as toy_data
-from jaxflow.toy.train import TrainConfig, train
+from jaxflow.toy.train import TrainConfig, TrainSetupError, train
+
+# the two batch layouts: the shipped recipe's dialogs (the TrainConfig defaults, 4 images a step) and
+# single questions with a share rewritten as text
+LAYOUTS = {"dialogs": dict(batch_size=4),
+           "single": dict(batch_size=8, turns=1, grounding=0.0, question_words=False, align=0.0,
+                          text_fraction=0.5)}
 
 
-def _tc(**kw):
-    return TrainConfig(**{**dict(steps=12, batch_size=8, lr=2e-3, warmup=3, eval_every=1000, eval_size=16,
-                                 save_every=4), **kw})
+def _tc(layout="dialogs", **kw):
+    return TrainConfig(**{**dict(steps=12, lr=2e-3, warmup=3, eval_every=1000, eval_size=16, save_every=4),
+                          **LAYOUTS[layout], **kw})
 
 
-def test_loss_falls_and_resume_is_exact(tmp_path):
-    full = train(str(tmp_path / "a"), _tc(), progress=False, log=lambda *_: None)["history"]
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_loss_falls_and_resume_is_exact(tmp_path, layout):
+    tc = _tc(layout)
+    full = train(str(tmp_path / "a"), tc, progress=False, log=lambda *_: None)["history"]
     losses = [h["loss"] for h in full]
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
     # interrupted after 8 steps (checkpoint at 8), then resumed to 12
-    part = train(str(tmp_path / "b"), _tc(), progress=False, log=lambda *_: None, stop_after=8)
+    part = train(str(tmp_path / "b"), tc, progress=False, log=lambda *_: None, stop_after=8)
     assert part["steps_done"] == 8
-    rest = train(str(tmp_path / "b"), _tc(), progress=False, log=lambda *_: None)["history"]
+    rest = train(str(tmp_path / "b"), tc, progress=False, log=lambda *_: None)["history"]
     assert [h["step"] for h in rest] == list(range(9, 13))
     np.testing.assert_allclose([h["loss"] for h in part["history"]] + [h["loss"] for h in rest], losses,
                                rtol=1e-5)
+    # wall time counts on across the resumption
+    assert rest[0]["elapsed_s"] >= part["history"][-1]["elapsed_s"]
+
+
+def test_setup_errors(tmp_path):
+    with pytest.raises(TrainSetupError, match="--text_fraction applies to single questions"):
+        train(str(tmp_path / "x"), _tc(text_fraction=0.5), progress=False)
+    with pytest.raises(TrainSetupError, match="--question_words applies to dialogs"):
+        train(str(tmp_path / "x"), _tc("single", question_words=True), progress=False)
+    # a run folder is resumed only with the settings it was trained with (eval/save cadence aside)
+    train(str(tmp_path / "r"), _tc(steps=2, save_every=2), progress=False, log=lambda *_: None)
+    with pytest.raises(TrainSetupError, match=r"other settings \(lr 0.002 -> 0.001\)"):
+        train(str(tmp_path / "r"), _tc(steps=2, save_every=2, lr=1e-3), progress=False)
+    with pytest.raises(TrainSetupError, match=r"\(steps 2 -> 1\)"):
+        train(str(tmp_path / "r"), _tc(steps=1, save_every=2), progress=False)
+    again = train(str(tmp_path / "r"), _tc(steps=2, save_every=1, eval_every=5), progress=False, log=lambda *_: None)
+    assert again["steps_done"] == 2 and again["history"] == []
 
 
 def test_toy_data_is_deterministic_and_well_formed():

@@ -369,9 +369,13 @@ def _load_data(cfg: EvalConfig, out: str):
 
 
 def _template(cfg: EvalConfig) -> str:
+    from jaxflow.convert import CheckpointError
     from jaxflow.pipeline import default_template
 
-    return cfg.template or default_template(cfg.checkpoint)
+    try:
+        return cfg.template or default_template(cfg.checkpoint)
+    except CheckpointError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def run_params(cfg: EvalConfig, ds, max_new_tokens: int, num_layers: int | None = None) -> dict:
@@ -413,6 +417,7 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
     from jaxflow.pipeline import load_bundle
 
     check_config(cfg)
+    _template(cfg)  # a missing embedded checkpoint fails here, before anything is written
     out = cfg.out or default_out(cfg)
     os.makedirs(out, exist_ok=True)
     ds = _load_data(cfg, out)

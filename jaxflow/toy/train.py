@@ -278,6 +278,7 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
     stop_after: stop (as if interrupted) after that many steps of this call (for tests)."""
     import orbax.checkpoint as ocp
 
+    check_train_config(tc)
     cfg = toy_config()
     tok = build_tiny_tokenizer()
     model = Llava(cfg, rngs=nnx.Rngs(tc.seed))
@@ -286,13 +287,16 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
     tx = optimizer(tc)
     opt_state = tx.init(params)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "train_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(tc), f, indent=2)
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "train_state")),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    start = 0
+    start, elapsed0 = 0, 0.0
     log_path = os.path.join(out_dir, "log.jsonl")
-    if resume and mngr.latest_step() is not None:
+    resuming = resume and mngr.latest_step() is not None
+    if resuming:
+        _check_resumable(out_dir, tc, int(mngr.latest_step()))
+    with open(os.path.join(out_dir, "train_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(tc), f, indent=2)
+    if resuming:
         start = int(mngr.latest_step())
         target = {"params": params, "opt_state": opt_state}
         restored = mngr.restore(start, args=ocp.args.StandardRestore(jax.tree.map(
@@ -300,6 +304,8 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
         params, opt_state = restored["params"], restored["opt_state"]
         log(f"resumed from step {start}")
         _truncate_log(log_path, start)
+        done = read_log(out_dir)
+        elapsed0 = done[-1]["elapsed_s"] if done else 0.0  # wall time counts on across resumptions
     elif os.path.exists(log_path):
         os.remove(log_path)
     stop = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
@@ -318,7 +324,7 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step")
-    history, t0 = [], time.perf_counter()
+    history, t0 = [], time.perf_counter() - elapsed0
     with open(log_path, "a") as logf:
         for step in range(start, stop):
             batch = {k: jnp.asarray(v) for k, v in fetch.get().items()}
@@ -344,6 +350,41 @@ def train(out_dir: str, tc: TrainConfig = TrainConfig(), *, resume: bool = True,
     return {"model": nnx.merge(graphdef, params), "history": history, "tokenizer": tok, "steps_done": stop}
 
 
+class TrainSetupError(ValueError):
+    """Settings that cannot be trained, or a run folder that cannot be resumed with them (one line)."""
+
+
+def check_train_config(tc: TrainConfig) -> None:
+    """Raises TrainSetupError on settings that are out of range or that would be ignored."""
+    if tc.steps < 1 or tc.batch_size < 1 or tc.turns < 1 or tc.lr <= 0 or tc.eval_every < 1 or tc.save_every < 1:
+        raise TrainSetupError("--steps, --batch_size, --turns, --lr, --eval_every and save_every must be positive")
+    if tc.text_fraction and tc.turns > 1:
+        raise TrainSetupError(f"--text_fraction applies to single questions: add --turns 1 (got --turns {tc.turns})")
+    if tc.question_words and tc.turns == 1:
+        raise TrainSetupError("--question_words applies to dialogs (--turns > 1): add --noquestion_words with --turns 1")
+    if not 0 <= tc.text_fraction <= 1:
+        raise TrainSetupError(f"--text_fraction must lie in [0, 1], got {tc.text_fraction}")
+
+
+# settings that may change when a run is resumed (they do not change the parameters' trajectory)
+RESUMABLE_CHANGES = ("eval_every", "eval_size", "save_every")
+
+
+def _check_resumable(out_dir: str, tc: TrainConfig, latest: int) -> None:
+    """Refuses to resume a run trained with other settings, or one already past tc.steps."""
+    path = os.path.join(out_dir, "train_config.json")
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    new = dataclasses.asdict(tc)
+    diffs = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
+    if diffs or latest > tc.steps:
+        why = ", ".join(diffs) if diffs else f"it is at step {latest}, past --steps {tc.steps}"
+        raise TrainSetupError(f"{out_dir} holds a run with other settings ({why}): pass --noresume to start over "
+                         "or choose another --out")
+
+
 def read_log(out_dir: str) -> list[dict]:
     """The records of out_dir/log.jsonl (one per step; "existence_acc" on evaluation steps)."""
     path = os.path.join(out_dir, "log.jsonl")
@@ -355,8 +396,8 @@ def read_log(out_dir: str) -> list[dict]:
 
 def log_summary(records: list[dict], target: float = 0.95) -> dict:
     """A training log in numbers: steps done, the last held-out existence accuracy, and the first
-    evaluation step at or above `target` with its wall time (elapsed_s counts from the start of the
-    call that wrote the record: a resumed run restarts it)."""
+    evaluation step at or above `target` with its wall time (elapsed_s: training wall time since the
+    run began, summed over resumptions; the time between them is not counted)."""
     evals = [r for r in records if "existence_acc" in r]
     hit = next((r for r in evals if r["existence_acc"] >= target), None)
     return {"steps": records[-1]["step"] if records else 0,

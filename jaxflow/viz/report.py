@@ -78,11 +78,12 @@ def _check_inputs(image, question, methods, smooth_n, threshold, score, heads, q
 
 
 def _load_tokenizer(checkpoint):
-    if checkpoint is None:
-        from jaxflow import tiny
-
-        return tiny.tiny_tokenizer()
     from jaxflow.convert import load_tokenizer
+
+    if checkpoint is None:
+        from jaxflow.pipeline import default_checkpoint
+
+        return load_tokenizer(default_checkpoint())
     from jaxflow.convert.checkpoint import read_marker
 
     read_marker(os.path.abspath(checkpoint))  # a missing or incomplete checkpoint fails here, with its reason
