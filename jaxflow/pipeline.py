@@ -38,7 +38,7 @@ def default_checkpoint() -> str:
 
     if not os.path.isfile(os.path.join(TOY_CHECKPOINT, "config.json")):
         raise CheckpointError(f"the embedded toy checkpoint is missing from {TOY_CHECKPOINT}: reinstall jaxflow "
-                                "(it ships as package data) or pass --checkpoint")
+                              "(it ships as package data) or pass --checkpoint")
     return TOY_CHECKPOINT
 
 
