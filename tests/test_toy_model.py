@@ -20,17 +20,6 @@ def bundle():
     return load_bundle(None)
 
 
-def held_out_existence(n_per_split: int, seed: int):
-    """Balanced yes/no existence questions over the three POPE splits from a seed space that training
-    (seeds [seed, step], step < 10^6) never draws."""
-    rng = np.random.default_rng([seed, 987_654_321])
-    out = []
-    for split in toy_data.POPE_SPLITS:
-        for i in range(n_per_split):
-            out.append(toy_data.make_example(rng, kind="existence", split=split, label=bool(i % 2)))
-    return out
-
-
 def test_default_model_is_the_trained_toy(bundle):
     assert bundle.name == DEFAULT_MODEL_NAME == "toy-llava"
     assert bundle.template == "llava_hf"
@@ -38,7 +27,10 @@ def test_default_model_is_the_trained_toy(bundle):
 
 
 def test_held_out_existence_accuracy(bundle):
-    exs = held_out_existence(100, seed=5)
+    from jaxflow.toy.sets import toy_pope_examples
+
+    # 100 questions per POPE split from the toy POPE set's seed space, which training never draws
+    exs = [e for split in toy_data.POPE_SPLITS for e in toy_pope_examples(100, seed=5)[split]]
     got = []
     for i in range(0, len(exs), 50):
         chunk = exs[i:i + 50]

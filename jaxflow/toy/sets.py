@@ -34,20 +34,30 @@ def _write_lines(path: str, rows) -> None:
     os.replace(tmp, path)
 
 
+def toy_pope_examples(n_per_split: int = 100, seed: int = 0) -> dict[str, list]:
+    """The held-out existence questions of the toy POPE set, in memory: {split: n_per_split
+    ToyExamples, alternating yes/no (yes first)}; what `write_toy_pope` writes for the same arguments."""
+    if n_per_split < 1:
+        raise ValueError(f"n_per_split must be >= 1, got {n_per_split}")
+    out = {}
+    for si, split in enumerate(toy_data.POPE_SPLITS):
+        rng = np.random.default_rng([seed + _POPE_SEED, si])
+        out[split] = [toy_data.make_example(rng, kind="existence", split=split, label=(i % 2 == 0))
+                      for i in range(n_per_split)]
+    return out
+
+
 def write_toy_pope(root: str, n_per_split: int = 100, seed: int = 0) -> tuple[str, str]:
     """Writes root/pope/coco_pope_{split}.json (n_per_split questions each, alternating yes/no, one
     image per question) and root/pope/boxes.jsonl; images in root/images. Returns (data_dir, image_dir)."""
-    if n_per_split < 1:
-        raise ValueError(f"n_per_split must be >= 1, got {n_per_split}")
+    examples = toy_pope_examples(n_per_split, seed)
     data_dir, image_dir = os.path.join(root, "pope"), os.path.join(root, "images")
     os.makedirs(data_dir, exist_ok=True)
     os.makedirs(image_dir, exist_ok=True)
     boxes = []
-    for si, split in enumerate(toy_data.POPE_SPLITS):
-        rng = np.random.default_rng([seed + _POPE_SEED, si])
+    for split in toy_data.POPE_SPLITS:
         rows = []
-        for i in range(n_per_split):
-            ex = toy_data.make_example(rng, kind="existence", split=split, label=(i % 2 == 0))
+        for i, ex in enumerate(examples[split]):
             name = f"toy_pope_{split}_{i:05d}.png"
             ex.image.save(os.path.join(image_dir, name))
             rows.append({"question_id": i + 1, "image": name, "text": ex.question, "label": ex.answer.lower()})
