@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.models.layers import ATTN_IMPLS, rope_cos_sin, rope_inv_freq
-from jaxflow.models.llava import Llava
+from jaxflow.models.family import VisionLanguageModel, position_ids  # noqa: F401 (re-exported)
+from jaxflow.models.layers import ATTN_IMPLS
 
 
 @dataclasses.dataclass
@@ -27,23 +27,15 @@ jax.tree_util.register_dataclass(ForwardOutput, data_fields=["logits", "hidden",
 # --------------------------------------------------------------------------- masks and positions
 
 
-def position_ids(attention_mask):
-    """(B, T) 0/1 -> (B, T) int32 positions counting real tokens only (0 at padding), as transformers'
-    generate computes them, so left and right padding give every real token its unpadded position."""
-    m = attention_mask.astype(jnp.int32)
-    return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
-
-
 def causal_allowed(key_valid, q_slots, num_keys: int):
     """key_valid (B, S) bool, q_slots (B, Q) int -> allowed (B, Q, S): key s is real and s <= slot."""
     s = jnp.arange(num_keys)
     return key_valid[:, None, :] & (s[None, None, :] <= q_slots[:, :, None])
 
 
-def rope_tables(model: Llava, positions, dtype):
-    """positions (B, T) -> cos, sin (B, T, hd)."""
-    inv = rope_inv_freq(model.config.text, jnp.max(positions) + 1)
-    return rope_cos_sin(positions, inv, dtype)
+def rope_tables(model: VisionLanguageModel, positions, dtype):
+    """positions (B, T) -> cos, sin (B, T, hd), as the model's family computes them."""
+    return model.rope_tables(positions, dtype)
 
 
 # --------------------------------------------------------------------------- host-side validation
@@ -56,7 +48,8 @@ def _as_int_array(name, x, ndim=2):
     return a
 
 
-def validate_inputs(model: Llava, input_ids, pixel_values, attention_mask=None, truncate_at=None):
+def validate_inputs(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=None, truncate_at=None,
+                    **image_kw):
     """Checks shapes and image-token counts; returns numpy (input_ids, attention_mask) int32."""
     cfg = model.config
     ids = _as_int_array("input_ids", input_ids)
@@ -72,16 +65,11 @@ def validate_inputs(model: Llava, input_ids, pixel_values, attention_mask=None, 
         raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); got range [{ids.min()}, {ids.max()}]")
     n_img_tokens = int(((ids == cfg.image_token_id) & (mask > 0)).sum())
     if pixel_values is not None:
-        pv = np.shape(pixel_values)
-        v = cfg.vision
-        want = (v.num_channels, v.image_size, v.image_size)
-        if len(pv) != 4 or tuple(pv[1:]) != want:
-            raise ValueError(f"pixel_values must be (B, {want[0]}, {want[1]}, {want[2]}) float32, got {tuple(pv)}")
-        expected = pv[0] * cfg.num_image_tokens
+        expected = model.check_pixels(pixel_values, **image_kw)
         if n_img_tokens != expected:
             raise ValueError(f"input_ids hold {n_img_tokens} image tokens (id {cfg.image_token_id}) but "
-                             f"{pv[0]} image(s) give {expected} features ({cfg.num_image_tokens} each): expand "
-                             "each <image> to that many tokens (jaxflow.data.prompts.encode_batch does)")
+                             f"the {np.shape(pixel_values)[0]} image(s) of pixel_values give {expected} features: "
+                             "expand each image placeholder to its tokens (jaxflow.data.prompts.encode_batch does)")
     if truncate_at is not None:
         L = cfg.text.num_layers
         if not (isinstance(truncate_at, (int, np.integer)) and 0 <= int(truncate_at) <= L):
@@ -98,10 +86,11 @@ def _check_impl(attn_impl):
 # --------------------------------------------------------------------------- pure jitted core
 
 
-def forward_core(model: Llava, input_ids, pixel_values, attention_mask, *, impl="fused", truncate_at=None,
-                 keep_image_mask=None, mlp_in_delta=None, attn_rows=None, attn_row_delta=None, capture=(),
-                 input_embeds=None):
-    """Pure forward. input_ids/attention_mask (B, T) int32; pixel_values (B_img, C, H, W) or None.
+def forward_core(model: VisionLanguageModel, input_ids, pixel_values, attention_mask, *, impl="fused",
+                 truncate_at=None, keep_image_mask=None, mlp_in_delta=None, attn_rows=None, attn_row_delta=None,
+                 capture=(), input_embeds=None):
+    """Pure forward, any family. input_ids/attention_mask (B, T) int32; pixel_values as the family's
+    processor returns them, or None.
 
     `input_embeds` (B, T, D), when given, replaces the embedding step (used to differentiate with
     respect to the embedded sequence). `keep_image_mask` (B, T) bool marks image tokens that
@@ -109,8 +98,8 @@ def forward_core(model: Llava, input_ids, pixel_values, attention_mask, *, impl=
     """
     lm = model.language_model
     x = model.embed(input_ids, pixel_values, impl) if input_embeds is None else input_embeds
-    positions = position_ids(attention_mask)
-    cos, sin = rope_tables(model, positions, x.dtype)
+    positions = model.positions(input_ids, attention_mask)
+    cos, sin = model.rope_tables(positions, x.dtype)
     t = input_ids.shape[1]
     allowed = causal_allowed(attention_mask > 0, jnp.broadcast_to(jnp.arange(t), input_ids.shape), t)
     image_keys = input_ids == model.config.image_token_id
@@ -129,12 +118,13 @@ def _forward_jit(model, input_ids, pixel_values, attention_mask, truncate_at, ke
                         keep_image_mask=keep_image_mask, capture=capture)
 
 
-def forward(model: Llava, input_ids, pixel_values, attention_mask=None, *, attn_impl: str = "fused",
+def forward(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=None, *, attn_impl: str = "fused",
             truncate_at: int | None = None, keep_image_mask=None, capture: tuple[str, ...] = ()) -> ForwardOutput:
-    """Logits of a LLaVA model, jit-compiled.
+    """Logits of a model of any family, jit-compiled.
 
     input_ids (B, T) with the image token id at every image-feature position (576 per image for
-    LLaVA-1.5); pixel_values (B_img, 3, H, W) float32 preprocessed, or None for text only;
+    LLaVA-1.5); pixel_values as the family's transformers processor returns them (LLaVA
+    (B_img, 3, H, W); InternVL (total_tiles, 3, S, S)), float32 preprocessed, or None for text only;
     attention_mask (B, T) 1 = real token (left or right padding; positions count real tokens).
     truncate_at=K masks every image-token key in layers >= K (the reference truncation path);
     keep_image_mask (B, T) bool exempts those image tokens (FastV-style partial truncation).
@@ -163,7 +153,8 @@ def _image_features_jit(model, pixel_values, impl):
     return model.image_features(pixel_values, impl)
 
 
-def image_features(model: Llava, pixel_values, *, attn_impl: str = "fused"):
-    """Projected image features (B, N, D) float32 — what LLaVA scatters at the image tokens."""
+def image_features(model: VisionLanguageModel, pixel_values, *, attn_impl: str = "fused"):
+    """Projected image features float32 — what the model scatters at the image tokens: LLaVA
+    (B, N, D); InternVL (tiles, tokens per tile, D)."""
     _check_impl(attn_impl)
     return _image_features_jit(model, jnp.asarray(pixel_values, jnp.float32), attn_impl).astype(jnp.float32)

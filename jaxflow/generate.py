@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.forward import _check_impl, _keep_mask, causal_allowed, position_ids, rope_tables, validate_inputs
-from jaxflow.models.llava import Llava
+from jaxflow.forward import _check_impl, _keep_mask, causal_allowed, validate_inputs
+from jaxflow.models.family import VisionLanguageModel
 
 
 @dataclasses.dataclass
@@ -18,7 +18,7 @@ class GenerateOutput:
     lengths: np.ndarray  # (B,) generated tokens per row, EOS included
 
 
-def init_cache(model: Llava, batch: int, length: int, dtype) -> dict:
+def init_cache(model: VisionLanguageModel, batch: int, length: int, dtype) -> dict:
     """Empty KV cache {"k", "v"}: (L, B, S, KVH, hd)."""
     t = model.config.text
     shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
@@ -49,12 +49,12 @@ def stop_tokens(cfg, eos_token_id=None, pad_token_id=None) -> tuple[np.ndarray, 
     return eos, int(pad)
 
 
-def decode_step(model: Llava, cache, tokens, positions, key_valid, write_index, *, impl, image_keys=None,
+def decode_step(model: VisionLanguageModel, cache, tokens, positions, key_valid, write_index, *, impl, image_keys=None,
                 truncate_at=None):
     """One cached step: tokens (B, 1) at positions (B, 1), keys valid (B, S) -> logits (B, V), cache."""
     lm = model.language_model
     x = lm.embed(tokens)
-    cos, sin = rope_tables(model, positions, x.dtype)
+    cos, sin = model.rope_tables(positions, x.dtype)
     slots = jnp.broadcast_to(write_index, tokens.shape)
     allowed = causal_allowed(key_valid, slots, key_valid.shape[1])
     out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
@@ -69,8 +69,8 @@ def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_i
     b, t = input_ids.shape
     total = t + max_new_tokens
     x = model.embed(input_ids, pixel_values, impl)
-    positions = position_ids(attention_mask)
-    cos, sin = rope_tables(model, positions, x.dtype)
+    positions = model.positions(input_ids, attention_mask)
+    cos, sin = model.rope_tables(positions, x.dtype)
     key_valid = jnp.concatenate([attention_mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=1)
     allowed = causal_allowed(key_valid, jnp.broadcast_to(jnp.arange(t), (b, t)), total)
     image_keys = input_ids == model.config.image_token_id
@@ -102,7 +102,7 @@ def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_i
     return tokens
 
 
-def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
+def generate(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
              eos_token_id=None, pad_token_id: int | None = None, attn_impl: str = "fused",
              truncate_at: int | None = None, keep_image_mask=None) -> GenerateOutput:
     """Greedy decoding, batched, with a KV cache; a row stops at EOS, all stop at max_new_tokens.

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxflow.data.prompts import TokenSpans, token_spans
 from jaxflow.forward import validate_inputs
+from jaxflow.models.image_layout import ImageLayout, image_layout
 from jaxflow.models.layers import ATTN_IMPLS
 
 SCORES = ("logit", "logprob")
@@ -24,15 +25,27 @@ class Prepared:
     """Validated inputs of one analysis call (numpy, host side)."""
     input_ids: np.ndarray  # (B, T) int32
     attention_mask: np.ndarray  # (B, T) int32
-    pixel_values: np.ndarray  # (B, C, H, W) float32
+    pixel_values: np.ndarray  # as the family's processor gives them (LLaVA (B, C, H, W)) float32
     spans: TokenSpans  # S/T/U/A masks (B, T) from the ids
-    image_positions: np.ndarray  # (B, N) int32: the image tokens of each row, in order
-    grid_hw: tuple[int, int]
+    layout: ImageLayout  # the image tokens of each row and their cells on the row's image grid
+
+    @property
+    def image_positions(self) -> np.ndarray:  # (B, N) int32: the image tokens of each row, in order
+        return self.layout.positions
+
+    @property
+    def image_valid(self) -> np.ndarray:  # (B, N) bool: False where a shorter row is padded
+        return self.layout.valid
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.layout.grid_hw
 
 
 def prepare(model, input_ids, pixel_values, attention_mask=None, answer_mask=None, *,
-            require_answer: bool = False, attn_impl: str = "fused") -> Prepared:
-    """Validates the inputs of an analysis (one image per row) and computes the token groups."""
+            require_answer: bool = False, attn_impl: str = "fused", **image_kw) -> Prepared:
+    """Validates the inputs of an analysis (one image per row) and computes the token groups and
+    the image layout (image_kw: the family's extra image arguments, e.g. InternVL's tile_grids)."""
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
     if pixel_values is None:
@@ -40,8 +53,6 @@ def prepare(model, input_ids, pixel_values, attention_mask=None, answer_mask=Non
     ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask)
     b = ids.shape[0]
     pv = np.asarray(pixel_values, np.float32)
-    if pv.shape[0] != b:
-        raise ValueError(f"pixel_values holds {pv.shape[0]} images for {b} rows: the analyses need one image per row")
     if answer_mask is not None:
         am = np.asarray(answer_mask)
         if am.shape != ids.shape:
@@ -61,20 +72,14 @@ def prepare(model, input_ids, pixel_values, attention_mask=None, answer_mask=Non
     if not ((ids == cfg.image_token_id) & (mask > 0)).any(axis=1).all():
         raise ValueError(f"a row of input_ids has no image token (id {cfg.image_token_id})")
     spans = token_spans(ids, mask, cfg.image_token_id, am)
-    n = cfg.num_image_tokens
-    counts = spans.image.sum(axis=1)
-    if (counts != n).any():
-        row = int(np.flatnonzero(counts != n)[0])
-        raise ValueError(f"row {row} holds {int(counts[row])} image tokens; the analyses need one image "
-                         f"({n} tokens) per row")
+    layout = image_layout(ids, mask, cfg.image_token_id, model.image_geometries(ids, mask, pv, **image_kw))
     if am is not None:
         first_real = np.argmax(mask > 0, axis=1)
         for r in range(b):
             pos = np.flatnonzero(am[r])
             if pos.size and pos[0] <= first_real[r]:
                 raise ValueError(f"answer_mask row {r} starts at the first real token: an answer needs a prompt")
-    img_pos = spans.image_start[:, None] + np.arange(n, dtype=np.int32)[None, :]
-    return Prepared(ids, mask, pv, spans, img_pos.astype(np.int32), cfg.grid_hw)
+    return Prepared(ids, mask, pv, spans, layout)
 
 
 def pad_rows(masks: np.ndarray, *, fill_outside: bool = False):

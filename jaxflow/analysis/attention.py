@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.analysis._common import pad_rows, prepare, to_grid
+from jaxflow.analysis._common import pad_rows, prepare
 from jaxflow.forward import forward_core
+from jaxflow.models.image_layout import place_on_grid
 
 GROUPS = ("S", "T", "U")
 HEAD_REDUCTIONS = ("mean", "max")
@@ -31,6 +32,7 @@ class AttentionResult:
     shares: np.ndarray  # (B, L, 3) float32 S, T, U shares (rows sum to 1), averaged over the queries
     query_shares: np.ndarray  # (B, L, Q, 3) float32 per query (zeros where query_mask is False)
     image_maps: np.ndarray  # (B, L, gh, gw) float32 head-reduced attention to each image token, query mean
+    # (on each row's image grid; rows with smaller grids are zero outside theirs)
     rows: np.ndarray  # (B, L, Q, T) float32 head-reduced attention rows of the queries
     query_positions: np.ndarray  # (B, Q) int32 query positions in the sequence
     query_mask: np.ndarray  # (B, Q) bool: which entries are real queries
@@ -48,7 +50,7 @@ def default_queries(attention_mask: np.ndarray, answer_mask: np.ndarray | None) 
 
 
 @partial(jax.jit, static_argnames=("impl", "grid_hw"))
-def _attention_jit(model, ids, pixels, mask, qpos, qvalid, groups, img_pos, head_max, *, impl, grid_hw):
+def _attention_jit(model, ids, pixels, mask, qpos, qvalid, groups, img_pos, cells, head_max, *, impl, grid_hw):
     out = forward_core(model, ids, pixels, mask, impl=impl, attn_rows=qpos)
     p = out.attn_rows  # (L, B, H, Q, T) float32
     a = jnp.where(head_max, jnp.max(p, axis=2), jnp.mean(p, axis=2))  # (L, B, Q, T)
@@ -59,7 +61,7 @@ def _attention_jit(model, ids, pixels, mask, qpos, qvalid, groups, img_pos, head
     img = jnp.take_along_axis(a, img_pos[None, :, None, :], axis=3)  # (L, B, Q, N)
     img_map = jnp.einsum("lbqn,bq->bln", img, w)
     q_shares = jnp.where(qvalid[None, :, :, None] > 0, q_shares, 0.0)
-    return (shares, jnp.transpose(q_shares, (1, 0, 2, 3)), to_grid(img_map, grid_hw),
+    return (shares, jnp.transpose(q_shares, (1, 0, 2, 3)), place_on_grid(img_map, cells, grid_hw),
             jnp.transpose(a, (1, 0, 2, 3)))
 
 
@@ -93,7 +95,7 @@ def attention_analysis(model, input_ids, pixel_values, query_mask=None, *, atten
     shares, q_shares, img, rows = _attention_jit(
         model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
         jnp.asarray(qpos), jnp.asarray(qvalid, jnp.float32), jnp.asarray(groups), jnp.asarray(p.image_positions),
-        jnp.bool_(heads == "max"), impl=attn_impl, grid_hw=tuple(p.grid_hw))
+        jnp.asarray(p.layout.cells), jnp.bool_(heads == "max"), impl=attn_impl, grid_hw=tuple(p.grid_hw))
     return AttentionResult(shares=np.asarray(shares), query_shares=np.asarray(q_shares), image_maps=np.asarray(img),
                            rows=np.asarray(rows), query_positions=qpos, query_mask=qvalid,
                            group_masks=groups.astype(bool))

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.analysis._common import answer_targets, check_score, prepare, target_scores, to_grid
+from jaxflow.analysis._common import answer_targets, check_score, prepare, target_scores
+from jaxflow.models.image_layout import place_on_grid
 from jaxflow.data.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from jaxflow.forward import forward_core
 
@@ -52,14 +53,22 @@ class CamResult:
     # (with SmoothGrad: the mean over the noisy copies)
 
 
-def raw_cam(g, h, method: str):
-    """Unnormalised CAM from site gradients g and activations h, both (..., N, D) -> (..., N) float32."""
+def raw_cam(g, h, method: str, valid=None):
+    """Unnormalised CAM from site gradients g and activations h, both (..., N, D) -> (..., N) float32.
+    valid (..., N) bool (broadcast) marks real image tokens: the channel weights pool over those only."""
     g, h = g.astype(jnp.float32), h.astype(jnp.float32)
+
+    def token_mean(x):  # (..., N, D) -> (..., 1, D)
+        if valid is None:
+            return jnp.mean(x, axis=-2, keepdims=True)
+        w = valid[..., None].astype(jnp.float32)
+        return jnp.sum(x * w, axis=-2, keepdims=True) / jnp.maximum(jnp.sum(w, axis=-2, keepdims=True), 1.0)
+
     if method == "paper":
-        alpha = jnp.mean(jax.nn.relu(g), axis=-2, keepdims=True)  # (..., 1, D)
+        alpha = token_mean(jax.nn.relu(g))  # (..., 1, D)
         return jax.nn.relu(jnp.mean(alpha * h, axis=-1))
     if method == "gradcam":
-        alpha = jnp.mean(g, axis=-2, keepdims=True)
+        alpha = token_mean(g)
         return jax.nn.relu(jnp.sum(alpha * h, axis=-1))
     if method == "gradxact":
         return jax.nn.relu(jnp.sum(g * h, axis=-1))
@@ -121,8 +130,8 @@ def _site(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logpro
 
 
 @partial(jax.jit, static_argnames=("per_token", "smooth_n", "smooth_batch", "token_batch", "impl", "grid_hw"))
-def _cam_jit(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, key, sigma, mean, std,
-             threshold, *, per_token, smooth_n, smooth_batch, token_batch, impl, grid_hw):
+def _cam_jit(model, ids, pixels, mask, img_pos, img_valid, cells, tgt_pos, tgt_tok, tgt_valid, logprob, key, sigma,
+             mean, std, threshold, *, per_token, smooth_n, smooth_batch, token_batch, impl, grid_hw):
     """Every method's maps (they cost nothing next to the backward, so one compilation serves all)."""
     def raw_maps(pix):
         g, h, s = _site(model, ids, pix, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob,
@@ -130,10 +139,10 @@ def _cam_jit(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, log
         out = {}
         for m in METHODS:
             if per_token:
-                out["tok_" + m] = raw_cam(g, h[None], m)  # (A, L, B, N)
-                out[m] = raw_cam(g.sum(0), h, m)  # the all-token score's gradient is the sum
+                out["tok_" + m] = raw_cam(g, h[None], m, img_valid)  # (A, L, B, N)
+                out[m] = raw_cam(g.sum(0), h, m, img_valid)  # the all-token score's gradient is the sum
             else:
-                out[m] = raw_cam(g, h, m)  # (L, B, N)
+                out[m] = raw_cam(g, h, m, img_valid)  # (L, B, N)
         return out, s
 
     if smooth_n:
@@ -144,7 +153,7 @@ def _cam_jit(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, log
         out, s = raw_maps(pixels)
     res = {}
     for name, r in out.items():
-        r = to_grid(jnp.moveaxis(r, -2, 0), grid_hw)  # (B, L, gh, gw) or (B, A, L, gh, gw)
+        r = place_on_grid(jnp.moveaxis(r, -2, 0), cells, grid_hw)  # (B, L, gh, gw) or (B, A, L, gh, gw)
         res["raw_" + name] = r
         res["norm_" + name] = normalize_cam(r.reshape(*r.shape[:-2], -1), threshold).reshape(r.shape)
     return res, s
@@ -187,7 +196,8 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
                 attn_impl=attn_impl)
     tgt_pos, tgt_tok, tgt_valid, ans_pos = answer_targets(p.input_ids, p.spans.answer)
     res, s = _cam_jit(model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
-                      jnp.asarray(p.image_positions), jnp.asarray(tgt_pos), jnp.asarray(tgt_tok),
+                      jnp.asarray(p.image_positions), jnp.asarray(p.image_valid), jnp.asarray(p.layout.cells),
+                      jnp.asarray(tgt_pos), jnp.asarray(tgt_tok),
                       jnp.asarray(tgt_valid), logprob, jax.random.PRNGKey(int(seed)), jnp.float32(smooth_sigma),
                       jnp.asarray(image_mean, jnp.float32), jnp.asarray(image_std, jnp.float32),
                       jnp.float32(0.0 if threshold is None else threshold), per_token=bool(per_token),

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.forward import _check_impl, causal_allowed, position_ids, validate_inputs
+from jaxflow.forward import _check_impl, causal_allowed, validate_inputs
 from jaxflow.generate import left_align, stop_tokens
-from jaxflow.models.layers import _NEG, rope_cos_sin, rope_inv_freq
-from jaxflow.models.llava import Llava
+from jaxflow.models.layers import _NEG
+from jaxflow.models.llama import decoder_layer
 from flax import nnx
 
 
@@ -57,16 +57,18 @@ class TruncationGenerateOutput:
 class _Layout:
     image_start: np.ndarray  # (B,)
     image_end: np.ndarray  # (B,) exclusive
+    image_max: int  # the longest image block (rows of a family with tiles or any-size images differ)
     text_idx: np.ndarray  # (B, Ta) sequence index of each own text slot (clipped where invalid)
     text_valid: np.ndarray  # (B, Ta)
     prefix_len: int  # P = max image_end: slots [0, P) are the shared prefix
     system_len: int  # max image_start: slots [0, system_len) hold every row's system tokens
 
 
-def image_layout(input_ids, attention_mask, image_token_id: int, num_image_tokens: int,
+def image_layout(input_ids, attention_mask, image_token_id: int, num_image_tokens: int | None = None,
                  text_bucket: int = 1) -> _Layout:
-    """Finds each row's image block and the text after it; one clear error per bad row.
-    The text-slot count is rounded up to a multiple of `text_bucket` (fewer distinct shapes to compile)."""
+    """Finds each row's image block (of `num_image_tokens` tokens when given, else any length) and
+    the text after it; one clear error per bad row. The text-slot count is rounded up to a multiple of
+    `text_bucket` (fewer distinct shapes to compile)."""
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
     b = ids.shape[0]
     start, end, texts = np.zeros(b, np.int32), np.zeros(b, np.int32), []
@@ -74,8 +76,9 @@ def image_layout(input_ids, attention_mask, image_token_id: int, num_image_token
         idx = np.flatnonzero((ids[r] == image_token_id) & (mask[r] > 0))
         if idx.size == 0:
             raise ValueError(f"row {r} has no image token (id {image_token_id}): truncation needs an image per row")
-        if idx.size != num_image_tokens or idx[-1] - idx[0] + 1 != idx.size:
-            raise ValueError(f"row {r} must hold one contiguous block of {num_image_tokens} image tokens, "
+        if (num_image_tokens is not None and idx.size != num_image_tokens) or idx[-1] - idx[0] + 1 != idx.size:
+            what = f"{num_image_tokens} image tokens" if num_image_tokens is not None else "image tokens"
+            raise ValueError(f"row {r} must hold one contiguous block of {what} (one image per row), "
                              f"found {idx.size} spanning [{idx[0]}, {idx[-1]}]")
         start[r], end[r] = idx[0], idx[-1] + 1
         t = np.flatnonzero(mask[r, end[r]:] > 0) + end[r]
@@ -89,7 +92,8 @@ def image_layout(input_ids, attention_mask, image_token_id: int, num_image_token
     for r, t in enumerate(texts):
         text_idx[r, :len(t)], text_idx[r, len(t):] = t, t[-1]
         text_valid[r, :len(t)] = True
-    return _Layout(start, end, text_idx, text_valid, int(end.max()), max(int(start.max()), 1))
+    return _Layout(start, end, int((end - start).max()), text_idx, text_valid, int(end.max()),
+                   max(int(start.max()), 1))
 
 
 def _check_layers(layers, num_layers: int) -> np.ndarray:
@@ -140,19 +144,22 @@ def _variant_attention(q, own_k, own_v, own_ok, pre_k, pre_v, pre_ok, scale):
 
 
 def _variant_layer(layer, h, cos, sin, own_ok, pre_k, pre_v, pre_ok, scale, own_cache=None, write_index=0):
-    """One decoder layer for n variants' own tokens. h (n, B, Q, D); cos/sin (n*B, Q, hd);
+    """`decoder_layer` for n variants' own tokens. h (n, B, Q, D); cos/sin (n*B, Q, hd);
     own_cache (k, v) each (n*B, S, KVH, hd) or None (then S = Q). Returns h_out, (k_all, v_all)."""
     n, b, nq, d = h.shape
-    hf = h.reshape(n * b, nq, d)
-    q, k, v = layer.self_attn.qkv(layer.input_layernorm(hf), cos, sin)
-    if own_cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(own_cache[0], k.astype(own_cache[0].dtype), write_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(own_cache[1], v.astype(own_cache[1].dtype), write_index, axis=1)
-    split = lambda t: t.reshape((n, b) + t.shape[1:])  # noqa: E731
-    o = _variant_attention(split(q), split(k), split(v), own_ok, pre_k, pre_v, pre_ok, scale)
-    h_mid = hf + layer.self_attn.o_proj(o.reshape(n * b, nq, -1))
-    h_out = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))
-    return h_out.reshape(n, b, nq, d), (k, v)
+    own_kv = []
+
+    def attention(q, k, v):
+        if own_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(own_cache[0], k.astype(own_cache[0].dtype), write_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(own_cache[1], v.astype(own_cache[1].dtype), write_index, axis=1)
+        own_kv.append((k, v))
+        split = lambda t: t.reshape((n, b) + t.shape[1:])  # noqa: E731
+        o = _variant_attention(split(q), split(k), split(v), own_ok, pre_k, pre_v, pre_ok, scale)
+        return o.reshape(n * b, nq, *o.shape[3:])
+
+    h_out, _, _ = decoder_layer(layer, h.reshape(n * b, nq, d), cos, sin, attention)
+    return h_out.reshape(n, b, nq, d), own_kv[0]
 
 
 def _prefix_ok(l, ks, pre_valid, pre_img, pre_kept, q_order):
@@ -173,35 +180,38 @@ def _own_ok(q_order, k_order, k_valid):
 # --------------------------------------------------------------------------- sweep (jit)
 
 
-def _keep_sets(attn_rows, image_start, num_image, ks, keep_top_k):
+def _keep_sets(attn_rows, image_start, image_end, num_image, ks, keep_top_k):
     """Top-k image tokens per variant from the last query's head-averaged attention at layer K-1.
-    attn_rows (L, B, H, 1, T) -> kept image indices (V, B, k) sorted, within the image block."""
+    attn_rows (L, B, H, 1, T); image blocks [image_start, image_end) (B,) of at most num_image
+    tokens -> kept image indices (V, B, k) sorted, within the image block."""
     scores = attn_rows.mean(axis=2)[:, :, 0]  # (L, B, T)
     idx = image_start[:, None] + jnp.arange(num_image)[None]  # (B, N)
+    inside = idx < image_end[:, None]
+    idx = jnp.minimum(idx, scores.shape[-1] - 1)
     img_scores = jnp.take_along_axis(scores, jnp.broadcast_to(idx[None], (scores.shape[0],) + idx.shape), -1)
+    img_scores = jnp.where(inside[None], img_scores, -jnp.inf)
     per_variant = img_scores[jnp.maximum(ks - 1, 0)]  # (V, B, N)
     _, top = jax.lax.top_k(per_variant, keep_top_k)
     return jnp.sort(top, axis=-1)
 
 
-def _sweep_core(model: Llava, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *,
-                prefix_len, system_len, chunks, keep_top_k, impl, for_generation):
+def _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *,
+                prefix_len, system_len, image_max, chunks, keep_top_k, impl, for_generation):
     lm = model.language_model
     tcfg = model.config.text
     L = tcfg.num_layers
     b, t = ids.shape
     v_count = ks.shape[0]
-    n_img = model.config.num_image_tokens
+    n_img = image_max
     x = model.embed(ids, pixel_values, impl)
-    positions = position_ids(mask)
-    inv = rope_inv_freq(tcfg, jnp.max(positions) + 1)
-    cos_full, sin_full = rope_cos_sin(positions, inv, x.dtype)
+    positions = model.positions(ids, mask)
+    cos_full, sin_full = model.rope_tables(positions, x.dtype)
     allowed = causal_allowed(mask > 0, jnp.broadcast_to(jnp.arange(t), (b, t)), t)
     bidx = jnp.arange(b)[:, None]
 
     # own tokens: (kept image tokens ++) text after the image; rows captured from the full forward
     if keep_top_k:
-        img_rows = image_start[:, None] + jnp.arange(n_img)[None]  # (B, N)
+        img_rows = jnp.minimum(image_start[:, None] + jnp.arange(n_img)[None], image_end[:, None] - 1)  # (B, N)
         res_rows = jnp.concatenate([img_rows, text_idx], axis=1)  # (B, R)
     else:
         res_rows = text_idx
@@ -217,7 +227,7 @@ def _sweep_core(model: Llava, ids, pixel_values, mask, text_idx, text_valid, ima
 
     ta = text_idx.shape[1]
     if keep_top_k:
-        kept = _keep_sets(full.attn_rows, image_start, n_img, ks, keep_top_k)  # (V, B, k)
+        kept = _keep_sets(full.attn_rows, image_start, image_end, n_img, ks, keep_top_k)  # (V, B, k)
         own_sel = jnp.concatenate([kept, jnp.broadcast_to(n_img + jnp.arange(ta), (v_count, b, ta))], -1)
         own_valid = jnp.concatenate([jnp.ones(kept.shape, bool), jnp.broadcast_to(text_valid, (v_count, b, ta))],
                                     -1)
@@ -256,7 +266,7 @@ def _sweep_core(model: Llava, ids, pixel_values, mask, text_idx, text_valid, ima
         xs = {"layer": jax.tree.map(lambda a: a[l0:l1], state), "l": jnp.arange(l0, l1), "res": res[l0:l1],
               "pre_k": pre_k[l0:l1, :, :sl], "pre_v": pre_v[l0:l1, :, :sl]}
         ks_n, seq_n, valid_n = ks[:n], own_seq[:n], own_valid[:n]
-        cos, sin = rope_cos_sin(own_pos[:n].reshape(n * b, q), inv, x.dtype)  # (n*B, Q, hd)
+        cos, sin = model.rope_tables(own_pos[:n].reshape(n * b, q), x.dtype)  # (n*B, Q, hd)
         own_ok = _own_ok(seq_n, seq_n, valid_n)
         pre_kept_n = sys_kept[:n]
 
@@ -285,16 +295,16 @@ def _sweep_core(model: Llava, ids, pixel_values, mask, text_idx, text_valid, ima
     out = {"logits": logits, "next_token": jnp.argmax(last_logits, -1).astype(jnp.int32)}
     if for_generation:
         out.update(pre_k=pre_k, pre_v=pre_v, pre_valid=pre_valid, pre_img=pre_img, pre_kept=pre_kept,
-                   own_k=own_k_layers, own_v=own_v_layers, own_seq=own_seq, own_valid=own_valid, inv=inv)
+                   own_k=own_k_layers, own_v=own_v_layers, own_seq=own_seq, own_valid=own_valid)
     return out
 
 
-@partial(jax.jit, static_argnames=("prefix_len", "system_len", "chunks", "keep_top_k", "impl"))
+@partial(jax.jit, static_argnames=("prefix_len", "system_len", "image_max", "chunks", "keep_top_k", "impl"))
 def _sweep_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *, prefix_len,
-               system_len, chunks, keep_top_k, impl):
+               system_len, image_max, chunks, keep_top_k, impl):
     return _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
-                       prefix_len=prefix_len, system_len=system_len, chunks=chunks, keep_top_k=keep_top_k, impl=impl,
-                       for_generation=False)
+                       prefix_len=prefix_len, system_len=system_len, image_max=image_max, chunks=chunks,
+                       keep_top_k=keep_top_k, impl=impl, for_generation=False)
 
 
 def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks, attn_impl, text_bucket=1):
@@ -303,26 +313,25 @@ def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k,
     ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask)
     if pixel_values is None:
         raise ValueError("truncation needs pixel_values: without an image there is nothing to cut")
-    if np.shape(pixel_values)[0] != ids.shape[0]:
-        raise ValueError(f"pixel_values hold {np.shape(pixel_values)[0]} images for {ids.shape[0]} rows of "
-                         "input_ids: truncation needs exactly one image per row")
-    n_img = cfg.num_image_tokens
-    if not isinstance(keep_top_k, (int, np.integer)) or not 0 <= keep_top_k < n_img:
-        raise ValueError(f"keep_top_k must be an integer in 0..{n_img - 1}, got {keep_top_k!r}")
     if not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
     if not isinstance(text_bucket, (int, np.integer)) or text_bucket < 1:
         raise ValueError(f"text_bucket must be a positive integer, got {text_bucket!r}")
     ks = _check_layers(layers, cfg.text.num_layers)
-    return ids, mask, ks, image_layout(ids, mask, cfg.image_token_id, n_img, int(text_bucket))
+    lay = image_layout(ids, mask, cfg.image_token_id, None, int(text_bucket))
+    n_img = int((lay.image_end - lay.image_start).min())
+    if not isinstance(keep_top_k, (int, np.integer)) or not 0 <= keep_top_k < n_img:
+        raise ValueError(f"keep_top_k must be an integer in 0..{n_img - 1}, got {keep_top_k!r}")
+    return ids, mask, ks, lay
 
 
-def truncation_sweep(model: Llava, input_ids, pixel_values, attention_mask=None, layers=None, *,
+def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers=None, *,
                      keep_top_k: int = 0, chunks: int = 4, attn_impl: str = "fused",
                      text_bucket: int = 1) -> SweepOutput:
     """Logits for every cut layer K at once, at the positions after each row's image.
 
-    input_ids/attention_mask (B, T), one image block per row; pixel_values (B, 3, H, W).
+    input_ids/attention_mask (B, T), one image block per row; pixel_values as the family's processor
+    returns them (LLaVA (B, 3, H, W); InternVL the tiles of the B images).
     layers: the K values (default 0..L). keep_top_k: FastV-style, keep that many image tokens.
     chunks: layer chunks of the triangular schedule (more: less wasted work, larger program).
     text_bucket: round T_after up to a multiple of this (extra slots are masked): batches whose text
@@ -336,8 +345,8 @@ def truncation_sweep(model: Llava, input_ids, pixel_values, attention_mask=None,
     out = _sweep_jit(model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
                      jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
                      jnp.asarray(lay.image_end), jnp.asarray(ks), prefix_len=lay.prefix_len,
-                     system_len=lay.system_len, chunks=_chunks(ks, L, chunks), keep_top_k=int(keep_top_k),
-                     impl=attn_impl)
+                     system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, L, chunks),
+                     keep_top_k=int(keep_top_k), impl=attn_impl)
     positions = np.where(lay.text_valid, lay.text_idx, -1).astype(np.int32)
     return SweepOutput(logits=np.asarray(out["logits"]), next_token=np.asarray(out["next_token"]), layers=ks,
                        positions=positions, mask=lay.text_valid.copy())
@@ -346,15 +355,16 @@ def truncation_sweep(model: Llava, input_ids, pixel_values, attention_mask=None,
 # --------------------------------------------------------------------------- generation (jit)
 
 
-@partial(jax.jit, static_argnames=("prefix_len", "system_len", "chunks", "keep_top_k", "impl", "max_new_tokens"))
+@partial(jax.jit, static_argnames=("prefix_len", "system_len", "image_max", "chunks", "keep_top_k", "impl",
+                                   "max_new_tokens"))
 def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, eos_ids, pad_id,
-                  *, prefix_len, system_len, chunks, keep_top_k, impl, max_new_tokens):
+                  *, prefix_len, system_len, image_max, chunks, keep_top_k, impl, max_new_tokens):
     lm = model.language_model
     tcfg = model.config.text
     b, t = ids.shape
     sw = _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
-                     prefix_len=prefix_len, system_len=system_len, chunks=chunks, keep_top_k=keep_top_k, impl=impl,
-                     for_generation=True)
+                     prefix_len=prefix_len, system_len=system_len, image_max=image_max, chunks=chunks,
+                     keep_top_k=keep_top_k, impl=impl, for_generation=True)
     v_count = ks.shape[0]
     q = sw["own_seq"].shape[-1]
     s = q + max_new_tokens
@@ -376,7 +386,7 @@ def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_st
     def step_fn(step, prev, cache_k, cache_v):
         x = lm.embed(prev.reshape(v_count * b, 1)).reshape(v_count, b, 1, -1)
         pos = jnp.broadcast_to(next_pos + step - 1, (v_count, b)).reshape(v_count * b, 1)
-        cos, sin = rope_cos_sin(pos, rope_inv_freq(tcfg, jnp.max(pos) + 1), x.dtype)  # (V*B, 1, hd)
+        cos, sin = model.rope_tables(pos, x.dtype)  # (V*B, 1, hd)
         q_order = jnp.broadcast_to(t + step - 1, (v_count, b, 1))
         own_ok = _own_ok(q_order, k_order, k_valid)
         slot = q + step - 1
@@ -413,7 +423,7 @@ def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_st
     return tokens
 
 
-def truncation_generate(model: Llava, input_ids, pixel_values, attention_mask=None, layers=None, *,
+def truncation_generate(model, input_ids, pixel_values, attention_mask=None, layers=None, *,
                         max_new_tokens: int = 32, keep_top_k: int = 0, eos_token_id=None,
                         pad_token_id: int | None = None, chunks: int = 4, attn_impl: str = "fused",
                         text_bucket: int = 1) -> TruncationGenerateOutput:
@@ -436,7 +446,7 @@ def truncation_generate(model: Llava, input_ids, pixel_values, attention_mask=No
         model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
         jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
         jnp.asarray(lay.image_end), jnp.asarray(ks), jnp.asarray(eos), jnp.int32(pad), prefix_len=lay.prefix_len,
-        system_len=lay.system_len, chunks=_chunks(ks, cfg.text.num_layers, chunks), keep_top_k=int(keep_top_k), impl=attn_impl,
+        system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, cfg.text.num_layers, chunks), keep_top_k=int(keep_top_k), impl=attn_impl,
         max_new_tokens=int(max_new_tokens)))
     is_eos = np.isin(tokens, eos)
     lengths = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, max_new_tokens).astype(np.int32)
@@ -446,13 +456,13 @@ def truncation_generate(model: Llava, input_ids, pixel_values, attention_mask=No
 # --------------------------------------------------------------------------- reference path
 
 
-def fastv_keep_mask(model: Llava, input_ids, pixel_values, attention_mask, truncate_at: int, keep_top_k: int):
+def fastv_keep_mask(model, input_ids, pixel_values, attention_mask, truncate_at: int, keep_top_k: int):
     """(B, T) bool: the image tokens FastV keeps from layer K on (top-k by the last real token's
     head-averaged attention at layer K-1 of the untruncated model; layer 0 for K = 0)."""
     ids, mask, _, lay = _prepare(model, input_ids, pixel_values, attention_mask, [truncate_at], keep_top_k, 1,
                                  "fused")
     out = _attn_last_jit(model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask))
-    kept = np.asarray(_keep_sets(out, jnp.asarray(lay.image_start), model.config.num_image_tokens,
+    kept = np.asarray(_keep_sets(out, jnp.asarray(lay.image_start), jnp.asarray(lay.image_end), lay.image_max,
                                  jnp.asarray([truncate_at]), keep_top_k))[0]  # (B, k)
     keep = np.zeros(ids.shape, bool)
     for r in range(ids.shape[0]):

@@ -10,14 +10,16 @@ import numpy as np
 from jaxflow.convert.checkpoint import (DTYPES, CheckpointError, abstract_params, load, load_tokenizer,
                                         save_model, write_checkpoint)
 from jaxflow.convert.hf import ConversionError, canonical_key, iter_params
-from jaxflow.models.config import ConfigError, from_hf_dict
+from jaxflow.models.config import ConfigError
+from jaxflow.models.family import config_from_hf_dict
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def convert_checkpoint(hf_dir: str, out: str, dtype: str = "float32", *, overwrite: bool = False,
                        progress: bool = True) -> str:
-    """Converts a transformers-format LLaVA directory (config.json + *.safetensors) to a jaxflow
+    """Converts a transformers-format directory (config.json + *.safetensors) of any supported family
+    (LLaVA, InternVL) to a jaxflow
     checkpoint at `out`. Fails with ConversionError, writing nothing at `out`, on any problem."""
     if dtype not in _NP_DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
@@ -29,7 +31,7 @@ def convert_checkpoint(hf_dir: str, out: str, dtype: str = "float32", *, overwri
     try:
         with open(cfg_file) as f:
             cfg_dict = json.load(f)
-        cfg = from_hf_dict(cfg_dict)
+        cfg = config_from_hf_dict(cfg_dict)
     except json.JSONDecodeError as e:
         raise ConversionError(f"{cfg_file} is not valid JSON: {e}") from e
     except ConfigError as e:

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflow.models.config import ConfigError, LlavaConfig, load_config
-from jaxflow.models.llava import Llava
+from jaxflow.models.config import ConfigError, load_config
+from jaxflow.models.family import VisionLanguageModel, build_model
 
 FORMAT = "jaxflow-llava"
 FORMAT_VERSION = 2
@@ -39,14 +39,14 @@ class CheckpointError(ValueError):
     """A path that is not a readable jaxflow checkpoint."""
 
 
-def abstract_params(cfg: LlavaConfig, dtype) -> tuple[nnx.GraphDef, nnx.State, dict]:
-    """(graphdef, abstract state, pure dict of ShapeDtypeStruct) of a Llava, allocating nothing."""
-    abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+def abstract_params(cfg, dtype) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """(graphdef, abstract state, pure dict of ShapeDtypeStruct) of cfg's model, allocating nothing."""
+    abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(abstract)
     return graphdef, state, nnx.to_pure_dict(state)
 
 
-def model_params(model: Llava) -> dict:
+def model_params(model: VisionLanguageModel) -> dict:
     """The model's parameters as a pure nested dict of arrays (the checkpoint tree)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
@@ -110,7 +110,7 @@ def write_checkpoint(out: str, cfg_dict: dict, params: dict, dtype_name: str, *,
     return out
 
 
-def save_model(model: Llava, out: str, *, overwrite: bool = False, sidecar_dir: str | None = None,
+def save_model(model: VisionLanguageModel, out: str, *, overwrite: bool = False, sidecar_dir: str | None = None,
                extra_files: dict | None = None) -> str:
     """Saves an in-memory model (e.g. a trained or random one) as a jaxflow checkpoint."""
     params = jax.tree.map(np.asarray, model_params(model))
@@ -137,8 +137,9 @@ def read_marker(path: str) -> dict:
     return meta
 
 
-def load(path: str, dtype: str | None = None) -> Llava:
-    """Restores a model written by scripts/convert_checkpoint.py (or `save_model`).
+def load(path: str, dtype: str | None = None) -> VisionLanguageModel:
+    """Restores a model written by scripts/convert_checkpoint.py (or `save_model`), of any family
+    (`model.family` names it).
 
     dtype: None keeps the stored dtype; "float32"/"bfloat16"/"float16" casts after loading.
     """

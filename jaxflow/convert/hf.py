@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can read bf16)
 import numpy as np
 
-from jaxflow.models.config import LlavaConfig
 
 
 class ConversionError(ValueError):
@@ -27,7 +26,7 @@ class ConversionError(ValueError):
 
 
 def canonical_key(key: str) -> str:
-    """Maps every LLaVA key layout transformers has written to one canonical form:
+    """Maps every LLaVA / InternVL key layout transformers has written to one canonical form:
     `vision_tower.<clip>`, `multi_modal_projector.*`, `language_model.<llama model>`, `lm_head.weight`.
 
     Handled: v5 in-memory `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*`;
@@ -58,28 +57,53 @@ _ident = lambda a: a  # noqa: E731
 _transpose = lambda a: a.T  # noqa: E731
 
 
-def _param_source(path: tuple[str, ...], cfg: LlavaConfig) -> Source:
-    """HF source of the parameter at `path` in the jaxflow tree (e.g. ('language_model','layers','mlp',...))."""
+def _text_source(path: tuple[str, ...], cfg) -> Source:
+    """The decoder (`language_model.*`) and the LM head: the same layout for every family whose
+    decoder is Llama-like (LLaVA's Llama, InternVL's Qwen2)."""
+    leaf = path[-1]
+    if path[1] == "lm_head":
+        return Source(("lm_head.weight",), _transpose, False)
+    if path[1] == "embed_tokens":
+        return Source(("language_model.embed_tokens.weight",), _ident, False)
+    name = {"scale": "weight", "kernel": "weight", "bias": "bias"}[leaf]
+    transform = _transpose if leaf == "kernel" else _ident
+    if path[1] == "layers":
+        mid = ".".join(path[2:-1])
+        return Source(tuple(f"language_model.layers.{i}.{mid}.{name}" for i in range(cfg.text.num_layers)),
+                      transform, True)
+    return Source((".".join(path[:-1]) + "." + name,), transform, False)
+
+
+def llava_param_source(path: tuple[str, ...], cfg) -> Source:
+    """HF source of the parameter at `path` in a Llava tree (e.g. ('language_model','layers','mlp',...))."""
     top = path[0]
     leaf = path[-1]
-    if top == "language_model" and path[1] == "lm_head":
-        return Source(("lm_head.weight",), _transpose, False)
+    if top == "language_model":
+        return _text_source(path, cfg)
     if top == "vision_tower" and path[1] == "patch_embedding":
         d = cfg.vision.hidden_size
         return Source(("vision_tower.embeddings.patch_embedding.weight",), lambda a: a.reshape(d, -1).T, False)
     if top == "vision_tower" and path[1] in ("class_embedding", "position_embedding"):
         suffix = "" if path[1] == "class_embedding" else ".weight"
         return Source((f"vision_tower.embeddings.{path[1]}{suffix}",), _ident, False)
-    if top == "language_model" and path[1] == "embed_tokens":
-        return Source(("language_model.embed_tokens.weight",), _ident, False)
     name = {"scale": "weight", "kernel": "weight", "bias": "bias"}[leaf]
     transform = _transpose if leaf == "kernel" else _ident
     if path[1] == "layers":
-        n = cfg.vision.num_layers if top == "vision_tower" else cfg.text.num_layers
-        prefix = "vision_tower.encoder.layers" if top == "vision_tower" else "language_model.layers"
         mid = ".".join(path[2:-1])
-        return Source(tuple(f"{prefix}.{i}.{mid}.{name}" for i in range(n)), transform, True)
+        return Source(tuple(f"vision_tower.encoder.layers.{i}.{mid}.{name}" for i in range(cfg.vision.num_layers)),
+                      transform, True)
     return Source((".".join(path[:-1]) + "." + name,), transform, False)
+
+
+def internvl_param_source(path: tuple[str, ...], cfg) -> Source:
+    """HF source of a parameter of an InternVL tree: the vision tower and projector from the
+    InternViT key table (`jaxflow.models.internvit.hf_source`), the decoder as for every family."""
+    if path[0] == "language_model":
+        return _text_source(path, cfg)
+    from jaxflow.models.internvit import HF_TRANSFORMS, hf_source
+
+    keys, transform, stacked = hf_source(path, cfg.vision)
+    return Source(tuple(keys), HF_TRANSFORMS[transform], stacked)
 
 
 def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
@@ -158,7 +182,7 @@ class _Reader:
         pass
 
 
-def convert_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=None) -> dict:
+def convert_params(hf_dir: str, cfg, abstract: dict, dtype, progress=None) -> dict:
     """Reads the HF tensors into a nested dict shaped like `abstract` (all in memory at once; the
     converter streams with `iter_params` instead)."""
     out: dict = {}
@@ -167,7 +191,7 @@ def convert_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progres
     return out
 
 
-def iter_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=None):
+def iter_params(hf_dir: str, cfg, abstract: dict, dtype, progress=None):
     """Yields (path, array) for every parameter of `abstract` (a pure dict of ShapeDtypeStruct), one
     at a time, so a writer can store and drop each before the next is read.
 
@@ -176,6 +200,9 @@ def iter_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=N
     """
     from safetensors import safe_open
 
+    from jaxflow.models.family import family_of
+
+    param_source = family_of(cfg).param_source
     where = index_safetensors(hf_dir)
     raw_names: dict[str, str] = {}
     for path in sorted(set(where.values())):
@@ -185,7 +212,7 @@ def iter_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=N
     plan = []
     needed: set[str] = set()
     for path, spec in _flatten(abstract):
-        src = _param_source(path, cfg)
+        src = param_source(path, cfg)
         plan.append((path, spec, src))
         needed.update(src.keys)
     missing = sorted(needed - where.keys())
@@ -200,7 +227,7 @@ def iter_params(hf_dir: str, cfg: LlavaConfig, abstract: dict, dtype, progress=N
         problems.append(f"{len(unused)} unused tensor(s): {', '.join(unused[:10])}"
                         + (" ..." if len(unused) > 10 else ""))
     if problems:
-        raise ConversionError(f"{hf_dir} does not match the LLaVA model its config.json describes: "
+        raise ConversionError(f"{hf_dir} does not match the {cfg.family} model its config.json describes: "
                               + "; ".join(problems))
     # shape check from the headers alone, before reading any data
     shapes = {}

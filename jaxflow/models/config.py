@@ -66,7 +66,8 @@ class TextConfig:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     rope: RopeConfig = RopeConfig()
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v (and o, unless o_proj_bias says otherwise) projections
+    o_proj_bias: bool | None = None  # None: as attention_bias (Llama); Qwen2: False
     mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = 1
@@ -84,6 +85,7 @@ class LlavaConfig:
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     tie_word_embeddings: bool = False
+    family = "llava"
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -105,14 +107,7 @@ class LlavaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 style LLaVA config.json dict for this config."""
-        v, t = self.vision, self.text
-        rope: dict[str, Any] = {"rope_type": t.rope.rope_type, "rope_theta": t.rope.theta}
-        if t.rope.rope_type != "default":
-            rope["factor"] = t.rope.factor
-        if t.rope.rope_type == "llama3":
-            rope.update(low_freq_factor=t.rope.low_freq_factor, high_freq_factor=t.rope.high_freq_factor,
-                        original_max_position_embeddings=t.rope.original_max_position_embeddings)
-        eos = list(t.eos_token_id)
+        v = self.vision
         return {
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "llava",
@@ -130,16 +125,7 @@ class LlavaConfig:
                 "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
                 "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act,
             },
-            "text_config": {
-                "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
-                "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim,
-                "rms_norm_eps": t.rms_norm_eps, "max_position_embeddings": t.max_position_embeddings,
-                "rope_parameters": rope, "attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias,
-                "hidden_act": t.hidden_act, "bos_token_id": t.bos_token_id,
-                "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": t.pad_token_id,
-                "tie_word_embeddings": self.tie_word_embeddings,
-            },
+            "text_config": text_config_to_hf(self.text, "llama", self.tie_word_embeddings),
         }
 
 
@@ -170,6 +156,47 @@ def _as_tuple(x) -> tuple[int, ...]:
     return tuple(int(i) for i in x) if isinstance(x, (list, tuple)) else (int(x),)
 
 
+def text_config_from_hf(t) -> TextConfig:
+    """A transformers Llama or Qwen2 text config object -> TextConfig (Qwen2: q/k/v bias, no o bias)."""
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    qwen2 = getattr(t, "model_type", "llama") == "qwen2"
+    if qwen2 and getattr(t, "use_sliding_window", False):
+        raise ConfigError("Qwen2 decoders with use_sliding_window=True are not supported")
+    return TextConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
+        num_kv_heads=t.num_key_value_heads or t.num_attention_heads, head_dim=head_dim,
+        rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
+        rope=_rope_from_hf(t), attention_bias=True if qwen2 else bool(getattr(t, "attention_bias", False)),
+        o_proj_bias=False if qwen2 else None,
+        mlp_bias=bool(getattr(t, "mlp_bias", False)), hidden_act=t.hidden_act,
+        bos_token_id=t.bos_token_id, eos_token_id=_as_tuple(t.eos_token_id), pad_token_id=t.pad_token_id,
+    )
+
+
+def text_config_to_hf(t: TextConfig, model_type: str, tie_word_embeddings: bool) -> dict[str, Any]:
+    """TextConfig -> a transformers text_config dict (inverse of `text_config_from_hf`)."""
+    rope: dict[str, Any] = {"rope_type": t.rope.rope_type, "rope_theta": t.rope.theta}
+    if t.rope.rope_type != "default":
+        rope["factor"] = t.rope.factor
+    if t.rope.rope_type == "llama3":
+        rope.update(low_freq_factor=t.rope.low_freq_factor, high_freq_factor=t.rope.high_freq_factor,
+                    original_max_position_embeddings=t.rope.original_max_position_embeddings)
+    eos = list(t.eos_token_id)
+    d = {
+        "model_type": model_type, "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim,
+        "rms_norm_eps": t.rms_norm_eps, "max_position_embeddings": t.max_position_embeddings,
+        "rope_parameters": rope, "hidden_act": t.hidden_act, "bos_token_id": t.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": t.pad_token_id,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    if model_type == "llama":
+        d.update(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias)
+    return d
+
+
 def from_hf_dict(d: dict[str, Any]) -> LlavaConfig:
     """Builds a LlavaConfig from a transformers LLaVA config.json dict (any transformers version)."""
     from transformers import LlavaConfig as HFLlavaConfig  # configs only: no torch needed
@@ -198,18 +225,9 @@ def from_hf_dict(d: dict[str, Any]) -> LlavaConfig:
     strategy = hf.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise ConfigError(f"vision_feature_select_strategy {strategy!r} not supported (default, full)")
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     vfl = hf.vision_feature_layer
     vfl = int(vfl) if isinstance(vfl, int) else tuple(int(i) for i in vfl)
-    text = TextConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
-        num_kv_heads=t.num_key_value_heads or t.num_attention_heads, head_dim=head_dim,
-        rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
-        rope=_rope_from_hf(t), attention_bias=bool(getattr(t, "attention_bias", False)),
-        mlp_bias=bool(getattr(t, "mlp_bias", False)), hidden_act=t.hidden_act,
-        bos_token_id=t.bos_token_id, eos_token_id=_as_tuple(t.eos_token_id), pad_token_id=t.pad_token_id,
-    )
+    text = text_config_from_hf(t)
     vision = VisionConfig(
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_layers=v.num_hidden_layers,
         num_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
@@ -227,8 +245,8 @@ def from_hf_dict(d: dict[str, Any]) -> LlavaConfig:
     return cfg
 
 
-def load_config(path: str) -> LlavaConfig:
-    """Reads `path/config.json` (or a config.json path) into a LlavaConfig."""
+def load_config(path: str):
+    """Reads `path/config.json` (or a config.json path) into its family's config (LlavaConfig, ...)."""
     f = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(f):
         raise ConfigError(f"no config.json at {path}")
@@ -237,4 +255,6 @@ def load_config(path: str) -> LlavaConfig:
             d = json.load(fh)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{f} is not valid JSON: {e}") from e
-    return from_hf_dict(d)
+    from jaxflow.models.family import config_from_hf_dict
+
+    return config_from_hf_dict(d)

@@ -30,7 +30,8 @@ class LlamaAttention(nnx.Module):
         self.q_proj = Linear(d, h * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
         self.k_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
         self.v_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
-        self.o_proj = Linear(h * hd, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
+        self.o_proj = Linear(h * hd, d, bias=cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias,
+                             rngs=rngs, dtype=dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
 
     def qkv(self, x, cos, sin):
@@ -59,6 +60,24 @@ class LlamaLayer(nnx.Module):
         self.self_attn = LlamaAttention(cfg, rngs=rngs, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, rngs=rngs, dtype=dtype)
+
+
+def decoder_layer(layer: LlamaLayer, h, cos, sin, attention, mlp_in_delta=None):
+    """The one decoder-layer body, used by the full stack, cached decoding and the truncation sweep.
+
+    h (B, T, D); cos/sin (B, T, hd); attention(q (B, T, H, hd), k, v (B, T, KVH, hd)) -> o (B, T, H, hd)
+    decides which keys each query reads (causal mask, cache, shared prefix, knockout);
+    mlp_in_delta (B, T, D) is added to the MLP input. Returns h_out (B, T, D), the MLP input m
+    (B, T, D) and this layer's new keys and values (k, v) (B, T, KVH, hd).
+    """
+    b, t = h.shape[:2]
+    q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+    o = attention(q, k, v)
+    h_mid = h + layer.self_attn.o_proj(o.reshape(b, t, -1))
+    m = layer.post_attention_layernorm(h_mid)
+    if mlp_in_delta is not None:
+        m = m + mlp_in_delta.astype(m.dtype)
+    return h_mid + layer.mlp(m), m, (k, v)
 
 
 @dataclasses.dataclass
@@ -137,36 +156,33 @@ class LlamaModel(nnx.Module):
             ok = allowed
             if truncating:
                 ok = ok & ~(image_keys[:, None, :] & (l >= truncate_at))
-            hn = layer.input_layernorm(h)
-            q, k, v = layer.self_attn.qkv(hn, cos, sin)
-            k_new, v_new = k, v
-            if kv is not None:  # write this step's keys into the cache, attend over the whole cache
-                li = l - start
-                ck = jax.lax.dynamic_index_in_dim(kv["k"], li, keepdims=False)
-                cv = jax.lax.dynamic_index_in_dim(kv["v"], li, keepdims=False)
-                ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
-                cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
-                kv = {"k": jax.lax.dynamic_update_index_in_dim(kv["k"], ck, li, 0),
-                      "v": jax.lax.dynamic_update_index_in_dim(kv["v"], cv, li, 0)}
-                k, v = ck, cv
-            o = attend(q, k, v, ok, impl=impl, scale=scale, causal_block=block)  # (B, T, H, hd)
             ys = {}
-            if attn_rows is not None:
-                bidx = jnp.arange(q.shape[0])[:, None]
-                q_rows = q[bidx, attn_rows]  # (B, Q, H, hd)
-                ok_rows = ok[bidx, attn_rows]  # (B, Q, S)
-                probs = attention_probs(q_rows, k, ok_rows, scale)  # (B, H, Q, S)
-                ys["attn_rows"] = probs
-                if "attn_row_delta" in xs_l:
-                    p = (probs + xs_l["attn_row_delta"]).astype(v.dtype)
-                    o_rows = jnp.einsum("bhqs,bshd->bqhd", p, repeat_kv(v, n_rep))
-                    o = o.at[bidx, attn_rows].set(o_rows)
-            b, t = h.shape[:2]
-            h_mid = h + layer.self_attn.o_proj(o.reshape(b, t, -1))
-            m = layer.post_attention_layernorm(h_mid)
-            if "mlp_in_delta" in xs_l:
-                m = m + xs_l["mlp_in_delta"].astype(m.dtype)
-            h_out = h_mid + layer.mlp(m)
+
+            def attention(q, k, v):
+                nonlocal kv
+                if kv is not None:  # write this step's keys into the cache, attend over the whole cache
+                    li = l - start
+                    ck = jax.lax.dynamic_index_in_dim(kv["k"], li, keepdims=False)
+                    cv = jax.lax.dynamic_index_in_dim(kv["v"], li, keepdims=False)
+                    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
+                    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
+                    kv = {"k": jax.lax.dynamic_update_index_in_dim(kv["k"], ck, li, 0),
+                          "v": jax.lax.dynamic_update_index_in_dim(kv["v"], cv, li, 0)}
+                    k, v = ck, cv
+                o = attend(q, k, v, ok, impl=impl, scale=scale, causal_block=block)  # (B, T, H, hd)
+                if attn_rows is not None:
+                    bidx = jnp.arange(q.shape[0])[:, None]
+                    q_rows = q[bidx, attn_rows]  # (B, Q, H, hd)
+                    ok_rows = ok[bidx, attn_rows]  # (B, Q, S)
+                    probs = attention_probs(q_rows, k, ok_rows, scale)  # (B, H, Q, S)
+                    ys["attn_rows"] = probs
+                    if "attn_row_delta" in xs_l:
+                        p = (probs + xs_l["attn_row_delta"]).astype(v.dtype)
+                        o_rows = jnp.einsum("bhqs,bshd->bqhd", p, repeat_kv(v, n_rep))
+                        o = o.at[bidx, attn_rows].set(o_rows)
+                return o
+
+            h_out, m, (k_new, v_new) = decoder_layer(layer, h, cos, sin, attention, xs_l.get("mlp_in_delta"))
             pick = (lambda a: a) if capture_rows is None else (lambda a: a[bidx_all, capture_rows])
             if "residual" in capture:
                 ys["residual"] = pick(h)

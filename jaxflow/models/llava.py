@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxflow.models.clip import ClipVisionTower
 from jaxflow.models.config import LlavaConfig
+from jaxflow.models.family import DecoderRope
+from jaxflow.models.image_layout import square_geometry
 from jaxflow.models.layers import Linear, activation
 from jaxflow.models.llama import LlamaModel
 
@@ -22,9 +25,12 @@ class Projector(nnx.Module):
         return self.linear_2(activation(self.act_name)(self.linear_1(x)))
 
 
-class Llava(nnx.Module):
+class Llava(DecoderRope, nnx.Module):
     """Parameters of a LLaVA model. Build with random weights (`Llava(cfg, rngs=nnx.Rngs(0))`) or
-    restore converted ones with `jaxflow.load`. The computation lives in `jaxflow.forward` & co."""
+    restore converted ones with `jaxflow.load`. The computation lives in `jaxflow.forward` & co.
+    Implements `jaxflow.models.family.VisionLanguageModel`."""
+
+    family = "llava"
 
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = cfg
@@ -47,6 +53,11 @@ class Llava(nnx.Module):
             feats = [f[:, 1:] for f in feats]
         return self.multi_modal_projector(jnp.concatenate(feats, axis=-1))
 
+    def encode_images(self, pixel_values, impl: str = "fused"):
+        """pixel_values (B_img, C, H, W) -> packed features (B_img * N, D), image after image."""
+        f = self.image_features(pixel_values, impl)
+        return f.reshape(-1, f.shape[-1])
+
     def embed(self, input_ids, pixel_values, impl: str = "fused"):
         """Token embeddings with image features written, in order, at the image-token positions.
 
@@ -55,10 +66,29 @@ class Llava(nnx.Module):
         """
         if pixel_values is None:
             return self.language_model.embed(input_ids)
-        return self.embed_with_features(input_ids, self.image_features(pixel_values, impl))
+        return self.embed_with_features(input_ids, self.encode_images(pixel_values, impl))
+
+    # host side ------------------------------------------------------------------------------
+
+    def check_pixels(self, pixel_values) -> int:
+        """Validates the pixel shape; returns how many image tokens the images give."""
+        cfg = self.config
+        pv = np.shape(pixel_values)
+        v = cfg.vision
+        want = (v.num_channels, v.image_size, v.image_size)
+        if len(pv) != 4 or tuple(pv[1:]) != want:
+            raise ValueError(f"pixel_values must be (B, {want[0]}, {want[1]}, {want[2]}) float32, got {tuple(pv)}")
+        return pv[0] * cfg.num_image_tokens
+
+    def image_geometries(self, input_ids, attention_mask, pixel_values) -> list:
+        """One square geometry per image (the CLS feature of strategy "full" is not spatial)."""
+        cfg = self.config
+        lead = 1 if cfg.vision_feature_select_strategy == "full" else 0
+        return [square_geometry(cfg.vision.grid, lead)] * int(np.shape(pixel_values)[0])
 
     def embed_with_features(self, input_ids, feats):
-        """`embed` with the projected image features (B_img, N, D) given: input_ids (B, T) -> (B, T, D)."""
+        """`embed` with the projected image features given ((B_img, N, D) or packed (n, D)):
+        input_ids (B, T) -> (B, T, D)."""
         x = self.language_model.embed(input_ids)
         feats = feats.astype(x.dtype)
         flat = feats.reshape(-1, feats.shape[-1])  # (B_img * N, D)

@@ -1,0 +1,122 @@
+"""Model families: one interface every analysis runs on, and the registry keyed by `model_type`.
+
+A family provides config parsing (a transformers config.json dict -> a frozen config), the model
+class, the converter's key map (a data table from our parameter paths to the safetensors keys) and,
+through the model, the host-side image geometry. Every model has this interface (`VisionLanguageModel`):
+
+- `family` (str) and `config` (with `.text`, the decoder's `TextConfig`, and `.image_token_id`);
+- `encode_images(pixel_values, impl, **image_kw)` -> packed features (n_image_tokens, D): the rows
+  that `embed` writes, in order, at the image-token positions of the batch (row-major);
+- `embed(input_ids, pixel_values, impl, **image_kw)` -> (B, T, D);
+- `positions(input_ids, attention_mask)` -> (B, T) int32 RoPE positions; `rope_tables(positions,
+  dtype)` -> cos, sin (B, T, hd);
+- `language_model`: the decoder, whose `run_layers` runs the one decoder-layer function
+  (`jaxflow.models.llama.decoder_layer`) over the stack, with a KV cache and every intervention as an
+  explicit argument, and whose `logits` applies the final norm and the unembedding;
+- host side: `check_pixels(pixel_values, **image_kw)` -> number of image tokens the pixels give
+  (raises ValueError on a bad shape) and `image_geometries(input_ids, attention_mask, pixel_values,
+  **image_kw)` -> one `ImageGeometry` per image.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import jax.numpy as jnp
+
+from jaxflow.models.config import ConfigError
+
+
+class VisionLanguageModel(Protocol):
+    family: str
+    config: Any
+    language_model: Any
+
+    def encode_images(self, pixel_values, impl: str = "fused", **image_kw): ...
+
+    def embed(self, input_ids, pixel_values, impl: str = "fused", **image_kw): ...
+
+    def positions(self, input_ids, attention_mask): ...
+
+    def rope_tables(self, positions, dtype): ...
+
+    def check_pixels(self, pixel_values, **image_kw) -> int: ...
+
+    def image_geometries(self, input_ids, attention_mask, pixel_values, **image_kw) -> list: ...
+
+
+def position_ids(attention_mask):
+    """(B, T) 0/1 -> (B, T) int32 positions counting real tokens only (0 at padding), as transformers'
+    generate computes them, so left and right padding give every real token its unpadded position."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+class DecoderRope:
+    """1-D positions counting real tokens and the decoder's RoPE tables (LLaVA, InternVL)."""
+
+    def positions(self, input_ids, attention_mask):  # (B, T) -> (B, T) int32
+        return position_ids(attention_mask)
+
+    def rope_tables(self, positions, dtype):  # (B, T) -> cos, sin (B, T, hd)
+        from jaxflow.models.layers import rope_cos_sin, rope_inv_freq
+
+        inv = rope_inv_freq(self.config.text, jnp.max(positions) + 1)
+        return rope_cos_sin(positions, inv, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str  # model.family
+    model_types: tuple[str, ...]  # config.json "model_type" values
+    config_from_hf: Callable[[dict], Any]  # config.json dict -> frozen config
+    model_class: Callable[..., Any]  # (cfg, *, rngs, dtype) -> nnx.Module
+    param_source: Callable[[tuple, Any], Any]  # (param path, cfg) -> convert.hf.Source
+    description: str
+
+
+def _families() -> dict[str, Family]:
+    from jaxflow.convert.hf import internvl_param_source, llava_param_source
+    from jaxflow.models.config import from_hf_dict as llava_from_hf
+    from jaxflow.models.internvl import InternVL, internvl_config_from_hf
+    from jaxflow.models.llava import Llava
+
+    fams = [
+        Family("llava", ("llava",), llava_from_hf, Llava, llava_param_source,
+               "LLaVA-1.5 (LlavaForConditionalGeneration: CLIP, MLP projector, Llama)"),
+        Family("internvl", ("internvl",), internvl_config_from_hf, InternVL, internvl_param_source,
+               "InternVL (InternVLForConditionalGeneration, the -hf checkpoints: InternViT, Qwen2)"),
+    ]
+    return {f.name: f for f in fams}
+
+
+def families() -> dict[str, Family]:
+    """name -> Family, for every supported family."""
+    return _families()
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(t for f in families().values() for t in f.model_types)
+
+
+def family_for_model_type(model_type) -> Family:
+    for f in families().values():
+        if model_type in f.model_types:
+            return f
+    raise ConfigError(f"config.json has model_type={model_type!r}, which jaxflow does not support; "
+                      f"supported: {', '.join(supported_model_types())}")
+
+
+def family_of(cfg) -> Family:
+    """The family of a parsed config."""
+    return families()[cfg.family]
+
+
+def config_from_hf_dict(d: dict):
+    """Any supported transformers config.json dict -> that family's frozen config."""
+    return family_for_model_type(d.get("model_type")).config_from_hf(d)
+
+
+def build_model(cfg, *, rngs, dtype=jnp.float32):
+    """A model of `cfg`'s family with fresh parameters."""
+    return family_of(cfg).model_class(cfg, rngs=rngs, dtype=dtype)
