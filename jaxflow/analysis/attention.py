@@ -37,6 +37,7 @@ class AttentionResult:
     query_positions: np.ndarray  # (B, Q) int32 query positions in the sequence
     query_mask: np.ndarray  # (B, Q) bool: which entries are real queries
     group_masks: np.ndarray  # (B, 3, T) bool key groups S, T, U
+    grids: np.ndarray  # (B, 2) int32 each row's own image grid (gh, gw)
 
 
 def default_queries(attention_mask: np.ndarray, answer_mask: np.ndarray | None) -> np.ndarray:
@@ -66,7 +67,7 @@ def _attention_jit(model, ids, pixels, mask, qpos, qvalid, groups, img_pos, cell
 
 
 def attention_analysis(model, input_ids, pixel_values, query_mask=None, *, attention_mask=None, answer_mask=None,
-                       heads: str = "mean", attn_impl: str = "fused") -> AttentionResult:
+                       heads: str = "mean", attn_impl: str = "fused", **image_kw) -> AttentionResult:
     """Shares of S, T, U, image-attention maps and the attention rows of the selected queries, per layer.
 
     query_mask (B, T) bool selects the query tokens (default: the answer tokens, else the last real
@@ -76,7 +77,7 @@ def attention_analysis(model, input_ids, pixel_values, query_mask=None, *, atten
     """
     if heads not in HEAD_REDUCTIONS:
         raise ValueError(f"heads must be one of {HEAD_REDUCTIONS}, got {heads!r}")
-    p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, attn_impl=attn_impl)
+    p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, attn_impl=attn_impl, **image_kw)
     if query_mask is None:
         qm = default_queries(p.attention_mask, answer_mask)
     else:
@@ -98,11 +99,11 @@ def attention_analysis(model, input_ids, pixel_values, query_mask=None, *, atten
         jnp.asarray(p.layout.cells), jnp.bool_(heads == "max"), impl=attn_impl, grid_hw=tuple(p.grid_hw))
     return AttentionResult(shares=np.asarray(shares), query_shares=np.asarray(q_shares), image_maps=np.asarray(img),
                            rows=np.asarray(rows), query_positions=qpos, query_mask=qvalid,
-                           group_masks=groups.astype(bool))
+                           group_masks=groups.astype(bool), grids=p.layout.grids)
 
 
 def attention_shares(model, input_ids, pixel_values, query_mask=None, *, attention_mask=None, answer_mask=None,
-                     heads: str = "mean", attn_impl: str = "fused") -> np.ndarray:
+                     heads: str = "mean", attn_impl: str = "fused", **image_kw) -> np.ndarray:
     """(B, L, 3) float32: per layer, the shares of S, T, U in the selected queries' attention.
 
     Heads averaged (heads="max": maximum over heads); each query's shares are normalised over
@@ -110,4 +111,4 @@ def attention_shares(model, input_ids, pixel_values, query_mask=None, *, attenti
     (B, T) bool, default: the answer tokens (answer_mask) else the last real token of each row.
     """
     return attention_analysis(model, input_ids, pixel_values, query_mask, attention_mask=attention_mask,
-                              answer_mask=answer_mask, heads=heads, attn_impl=attn_impl).shares
+                              answer_mask=answer_mask, heads=heads, attn_impl=attn_impl, **image_kw).shares

@@ -48,6 +48,7 @@ class CamResult:
     token_raw: dict | None  # method -> (B, A, L, gh, gw) before normalisation
     token_mask: np.ndarray  # (B, A) bool: which entries are real answer tokens
     token_ids: np.ndarray  # (B, A) int32 answer token ids (0 where not real)
+    grids: np.ndarray  # (B, 2) int32 each row's own image grid (gh, gw): maps are zero outside it
     token_positions: np.ndarray  # (B, A) int32 answer token positions p in the sequence
     scores: np.ndarray  # (B, A) float32 each answer token's logit (log-prob) under teacher forcing
     # (with SmoothGrad: the mean over the noisy copies)
@@ -177,7 +178,7 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
                threshold: float | None = None, score: str = "logit", per_token: bool = False, smooth_n: int = 0,
                smooth_sigma: float = 0.15, seed: int = 0, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
                smooth_batch: int | None = None, token_batch: int | None = None,
-               attn_impl: str = "fused") -> CamResult:
+               attn_impl: str = "fused", **image_kw) -> CamResult:
     """LLaVA-CAM for several methods (one forward and backward serves them all), every layer.
 
     input_ids (B, T) with the image tokens of one image per row; pixel_values (B, 3, H, W) float32
@@ -188,12 +189,15 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
     with noise std smooth_sigma on the [0, 1] image (image_mean / image_std: the normalisation the
     pixels went through; `smooth_batch` bounds how many copies run at once). Compiled once per input
     shape and (per_token, smooth_n, smooth_batch, token_batch, attn_impl); returns numpy arrays.
+    image_kw: the family's image arguments (InternVL: tile_grids, one (rows, cols) per image, to
+    stitch the tiles' maps into the original image's layout). Maps lie on each row's image grid
+    (`CamResult.grids`; rows with smaller grids are zero outside theirs).
     """
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     _check(methods, threshold, smooth_n, smooth_sigma)
     logprob = check_score(score)
     p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, require_answer=True,
-                attn_impl=attn_impl)
+                attn_impl=attn_impl, **image_kw)
     tgt_pos, tgt_tok, tgt_valid, ans_pos = answer_targets(p.input_ids, p.spans.answer)
     res, s = _cam_jit(model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
                       jnp.asarray(p.image_positions), jnp.asarray(p.image_valid), jnp.asarray(p.layout.cells),
@@ -208,7 +212,7 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
     return CamResult(maps=pick("norm_"), raw=pick("raw_"),
                      token_maps=pick("norm_tok_") if per_token else None,
                      token_raw=pick("raw_tok_") if per_token else None, token_mask=tgt_valid,
-                     token_ids=tgt_tok, token_positions=np.where(tgt_valid, ans_pos, 0).astype(np.int32),
+                     token_ids=tgt_tok, grids=p.layout.grids, token_positions=np.where(tgt_valid, ans_pos, 0).astype(np.int32),
                      scores=np.asarray(s, np.float32))
 
 
@@ -269,7 +273,7 @@ def _site_one_layer_jit(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt
 
 
 def cam_site(model, input_ids, pixel_values, answer_mask, *, attention_mask=None, score: str = "logit",
-             per_layer_loop: bool = False, attn_impl: str = "fused"):
+             per_layer_loop: bool = False, attn_impl: str = "fused", **image_kw):
     """The CAM site values: (G, h), each (B, L, N, D) float32 at the N image tokens of every layer.
 
     G = ds/dh where h is the MLP input (post_attention_layernorm output). By default from one backward
@@ -278,7 +282,7 @@ def cam_site(model, input_ids, pixel_values, answer_mask, *, attention_mask=None
     """
     logprob = check_score(score)
     p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, require_answer=True,
-                attn_impl=attn_impl)
+                attn_impl=attn_impl, **image_kw)
     tgt_pos, tgt_tok, tgt_valid, _ = answer_targets(p.input_ids, p.spans.answer)
     args = (model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
             jnp.asarray(p.image_positions), jnp.asarray(tgt_pos), jnp.asarray(tgt_tok), jnp.asarray(tgt_valid),

@@ -64,7 +64,7 @@ def _flow_jit(model, ids, pixels, mask, qpos, tgt_pos, tgt_tok, tgt_valid, logpr
 
 
 def information_flow(model, input_ids, pixel_values, answer_mask, *, attention_mask=None, score: str = "logit",
-                     attn_impl: str = "fused") -> FlowResult:
+                     attn_impl: str = "fused", **image_kw) -> FlowResult:
     """Per-layer saliency flows S->A, T->A, U->A, A->A, S->U, T->U, U->U (see the module docstring).
 
     answer_mask (B, T) bool marks the answer tokens (at least one per row; the target score is theirs).
@@ -72,7 +72,7 @@ def information_flow(model, input_ids, pixel_values, answer_mask, *, attention_m
     """
     logprob = check_score(score)
     p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, require_answer=True,
-                attn_impl=attn_impl)
+                attn_impl=attn_impl, **image_kw)
     sp = p.spans
     tgt_pos, tgt_tok, tgt_valid, _ = answer_targets(p.input_ids, sp.answer)
     b, t = p.input_ids.shape
@@ -102,14 +102,14 @@ def information_flow(model, input_ids, pixel_values, answer_mask, *, attention_m
 
 
 def saliency(model, input_ids, pixel_values, answer_mask, query_mask, *, attention_mask=None, score: str = "logit",
-             attn_impl: str = "fused"):
+             attn_impl: str = "fused", **image_kw):
     """I_l(i, j) for chosen query rows: (saliency (B, L, Q, T), query_positions (B, Q), query_valid (B, Q)).
 
     query_mask (B, T) bool picks the rows; the target score is that of answer_mask's tokens.
     """
     logprob = check_score(score)
     p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, require_answer=True,
-                attn_impl=attn_impl)
+                attn_impl=attn_impl, **image_kw)
     qm = np.asarray(query_mask)
     if qm.shape != p.input_ids.shape:
         raise ValueError(f"query_mask shape {qm.shape} differs from input_ids shape {p.input_ids.shape}")

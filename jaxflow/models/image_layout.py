@@ -48,7 +48,8 @@ class ImageLayout:
     """The image tokens of a batch with one image per row (host side, numpy)."""
     positions: np.ndarray  # (B, N) int32 sequence position of each image token (N = most in a row)
     valid: np.ndarray  # (B, N) bool: a real image token (False: padding of shorter rows)
-    cells: np.ndarray  # (B, N) int32 flat cell on the row's grid; -1 = not spatial or padding
+    cells: np.ndarray  # (B, N) int32 flat cell on the batch grid `grid_hw` (row r, column c of the row's own
+    # grid -> r * GW + c); -1 = not spatial or padding
     grids: np.ndarray  # (B, 2) int32 each row's grid (gh, gw)
     image_start: np.ndarray  # (B,) int32 first image token
     image_end: np.ndarray  # (B,) int32 one past the last image token
@@ -90,11 +91,14 @@ def image_layout(input_ids, attention_mask, image_token_id: int, geometries) -> 
     positions = np.zeros((b, n), np.int32)
     valid = np.zeros((b, n), bool)
     cells = np.full((b, n), -1, np.int32)
+    grids = np.asarray([g.grid for g in geometries], np.int32).reshape(b, 2)
+    gw_all = int(grids[:, 1].max())
     for r, idx in enumerate(blocks):
         positions[r, :idx.size], positions[r, idx.size:] = idx, idx[-1]
         valid[r, :idx.size] = True
-        cells[r, :idx.size] = geometries[r].cells
-    grids = np.asarray([g.grid for g in geometries], np.int32).reshape(b, 2)
+        own = geometries[r].cells
+        rr, cc = np.divmod(own, geometries[r].grid[1])
+        cells[r, :idx.size] = np.where(own >= 0, rr * gw_all + cc, -1)
     return ImageLayout(positions, valid, cells, grids, np.asarray([x[0] for x in blocks], np.int32),
                        np.asarray([x[-1] + 1 for x in blocks], np.int32))
 
