@@ -9,23 +9,49 @@ import numpy as np
 
 from jaxflow.data.image import ImageSpec, load_image, preprocess_images
 from jaxflow.data.prompts import EncodedBatch, encode_batch, format_prompt, token_spans
-from jaxflow.models.llava import Llava
+from jaxflow.models.family import VisionLanguageModel
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = "<image>"  # the placeholder of LLaVA prompts (format_prompt's default)
 
 
 @dataclasses.dataclass
 class Bundle:
-    """A model with what it needs to read images and text."""
-    model: Llava
+    """A model with what it needs to read images and text. image_spec: the family's image settings
+    (LLaVA: an ImageSpec; InternVL: an InternVLImageConfig)."""
+    model: VisionLanguageModel
     tokenizer: object
-    image_spec: ImageSpec
+    image_spec: object
     name: str
     template: str = "vicuna_v1"
 
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    @property
+    def image_token(self) -> str:
+        """The prompt placeholder that the image's tokens replace."""
+        return IMAGE_TOKEN if self.family == "llava" else self.tokenizer.convert_ids_to_tokens(
+            self.config.image_token_id)
+
+
+@dataclasses.dataclass
+class EncodedImages:
+    """Images as the family's processor gives them, plus what the analyses need to place maps."""
+    pixel_values: np.ndarray  # the family's layout (LLaVA (n, 3, H, W); InternVL (tiles, 3, S, S)) float32
+    counts: np.ndarray  # (n,) int: entries of pixel_values per image (InternVL: tiles incl. thumbnail)
+    tokens: np.ndarray  # (n,) int: image tokens per image in the prompt
+    image_kw: dict  # the family's extra image arguments of the analyses (InternVL: tile_grids)
+    layouts: list | None = None  # per image, how the model input covers the original (InternVL tiles)
+
+    def rows(self, idx) -> np.ndarray:
+        """pixel_values of the images `idx` (a list of image indices), in that order."""
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        return np.concatenate([self.pixel_values[starts[i]:starts[i + 1]] for i in idx])
 
 
 DEFAULT_MODEL_NAME = "toy-llava"  # what checkpoint=None loads: the trained toy model in jaxflow/assets/toy_llava
@@ -54,14 +80,22 @@ def checkpoint_name(checkpoint: str | None) -> str:
 
 def default_template(checkpoint: str | None) -> str:
     """The prompt template a checkpoint expects: the "template" of its toy.json if it has one (models
-    trained by jaxflow.toy, the embedded default too: "llava_hf"), else LLaVA-1.5's "vicuna_v1"."""
-    meta = os.path.join(default_checkpoint() if checkpoint is None else checkpoint, "toy.json")
+    trained by jaxflow.toy, the embedded default too: "llava_hf"), "internvl" for an InternVL
+    checkpoint, else LLaVA-1.5's "vicuna_v1"."""
+    root = default_checkpoint() if checkpoint is None else checkpoint
+    meta = os.path.join(root, "toy.json")
     if os.path.isfile(meta):
         try:
             with open(meta) as f:
                 return str(json.load(f).get("template") or "vicuna_v1")
         except (OSError, ValueError):
             pass
+    try:
+        with open(os.path.join(root, "config.json")) as f:
+            if json.load(f).get("model_type") == "internvl":
+                return "internvl"
+    except (OSError, ValueError):
+        pass
     return "vicuna_v1"
 
 
@@ -79,6 +113,9 @@ def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> B
     from jaxflow.convert import load, load_tokenizer
 
     model = load(checkpoint, dtype=dtype)
+    if model.family == "internvl":
+        return Bundle(model, load_tokenizer(checkpoint), _internvl_image_config(checkpoint, model), name=name,
+                      template=template)
     has_spec = any(os.path.exists(os.path.join(checkpoint, f))
                    for f in ("preprocessor_config.json", "processor_config.json"))
     spec = ImageSpec.from_pretrained_dir(checkpoint) if has_spec else ImageSpec.for_size(
@@ -89,20 +126,57 @@ def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> B
     return Bundle(model, load_tokenizer(checkpoint), spec, name=name, template=template)
 
 
+def _internvl_image_config(checkpoint: str, model):
+    from jaxflow.data.internvl_image import internvl_image_config
+
+    cfg = None
+    for fname in ("preprocessor_config.json", "processor_config.json"):
+        f = os.path.join(checkpoint, fname)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                cfg = json.load(fh)
+            break
+    spec = internvl_image_config(cfg)
+    if (spec.tile_height, spec.tile_width) != (model.config.vision.image_size,) * 2:
+        raise ValueError(f"{checkpoint}: the image processor makes {spec.tile_height} px tiles but the vision "
+                         f"tower expects {model.config.vision.image_size} px")
+    return spec
+
+
+def encode_images(bundle: Bundle, images, *, pad_square: bool = False) -> EncodedImages:
+    """Images (paths or PIL images) -> the family's pixel values and layout."""
+    pil = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+    n = len(pil)
+    if bundle.family == "internvl":
+        from jaxflow.data.internvl_image import preprocess_internvl
+
+        if pad_square:
+            raise ValueError("pad_square is LLaVA's evaluation option; InternVL tiles the image instead")
+        px = preprocess_internvl(pil, bundle.image_spec)
+        counts = np.asarray(px.num_patches, np.int64)
+        return EncodedImages(px.pixel_values, counts, counts * bundle.config.tokens_per_tile,
+                             {"tile_grids": [lay.grid for lay in px.layouts]}, list(px.layouts))
+    pixels = preprocess_images(pil, bundle.image_spec, pad_square=pad_square)
+    return EncodedImages(pixels, np.ones(n, np.int64), np.full(n, bundle.config.num_image_tokens, np.int64), {})
+
+
+def format_prompts(bundle: Bundle, questions: list[str]) -> list[str]:
+    """Each question in the bundle's prompt template, with one image placeholder."""
+    return [format_prompt(q, bundle.template, bundle.image_token, tokenizer=bundle.tokenizer) for q in questions]
+
+
 def encode(bundle: Bundle, images, questions: list[str], answers: list | None = None, *,
-           pad_square: bool = False, padding_side: str = "left") -> tuple[EncodedBatch, np.ndarray]:
+           pad_square: bool = False, padding_side: str = "left", with_images: bool = False):
     """Images (paths or PIL images) and questions (and optional answers: strings or token-id lists)
-    -> (EncodedBatch, pixel_values (B, 3, H, W))."""
+    -> (EncodedBatch, pixel_values) (the family's layout: LLaVA (B, 3, H, W), InternVL the tiles of
+    the B images), or (EncodedBatch, EncodedImages) with with_images=True."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    pil = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
-    pixels = preprocess_images(pil, bundle.image_spec, pad_square=pad_square)
-    prompts = [format_prompt(q, bundle.template, IMAGE_TOKEN) for q in questions]
-    batch = encode_batch(bundle.tokenizer, prompts, image_token=IMAGE_TOKEN,
-                         image_token_id=bundle.config.image_token_id,
-                         num_image_tokens=bundle.config.num_image_tokens, answers=answers,
-                         padding_side=padding_side)
-    return batch, pixels
+    enc = encode_images(bundle, images, pad_square=pad_square)
+    batch = encode_batch(bundle.tokenizer, format_prompts(bundle, questions), image_token=bundle.image_token,
+                         image_token_id=bundle.config.image_token_id, num_image_tokens=enc.tokens.tolist(),
+                         answers=answers, padding_side=padding_side)
+    return (batch, enc) if with_images else (batch, enc.pixel_values)
 
 
 def decode_answers(tokenizer, tokens: np.ndarray, lengths: np.ndarray, eos_ids=()) -> list[str]:

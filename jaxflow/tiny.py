@@ -72,3 +72,55 @@ def save_tiny_checkpoint(path: str, seed: int = 0, *, overwrite: bool = False) -
     with tempfile.TemporaryDirectory() as tmp:
         tiny_tokenizer().save_pretrained(tmp)
         return save_model(tiny_model(seed), path, overwrite=overwrite, sidecar_dir=tmp)
+
+
+# --------------------------------------------------------------------------- a tiny random InternVL
+
+TINY_INTERNVL_TILE = 56  # px tiles: a 4x4 patch grid, pixel-shuffled to 2x2 = 4 tokens per tile
+TINY_INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")  # ids TINY_VOCAB_SIZE + 0, 1, 2
+# the tiny tokenizer's chat template: one user turn, the image's context token before the text
+TINY_INTERNVL_CHAT_TEMPLATE = (
+    "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+def tiny_internvl_config():
+    """InternViT (rms norm, QK-norm) -> pixel shuffle 0.5 -> projector -> Qwen2 decoder, toy sizes."""
+    from jaxflow.models.internvit import InternVisionConfig
+    from jaxflow.models.internvl import InternVLConfig
+
+    text = tiny_config().text
+    return InternVLConfig(
+        vision=InternVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                  image_size=TINY_INTERNVL_TILE, patch_size=14, norm_type="rms_norm",
+                                  use_qk_norm=True, attention_bias=True),
+        text=TextConfig(**{**text.__dict__, "vocab_size": TINY_VOCAB_SIZE + len(TINY_INTERNVL_TOKENS),
+                           "attention_bias": True, "o_proj_bias": False}),
+        image_token_id=TINY_VOCAB_SIZE + 2, downsample_ratio=0.5, tie_word_embeddings=False)
+
+
+def tiny_internvl_tokenizer():
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(TINY_INTERNVL_TOKENS)})
+    tok.chat_template = TINY_INTERNVL_CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_internvl_checkpoint(path: str, seed: int = 0, *, overwrite: bool = False) -> str:
+    """A tiny random InternVL with its tokenizer and a tiling image processor (56 px tiles, 1..4
+    tiles) as a jaxflow checkpoint, for checking every pipeline on a second family."""
+    import json
+    import tempfile
+
+    from jaxflow.convert.checkpoint import save_model
+    from jaxflow.models.internvl import InternVL
+
+    model = InternVL(tiny_internvl_config(), rngs=nnx.Rngs(seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_internvl_tokenizer().save_pretrained(tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": TINY_INTERNVL_TILE,
+                       "width": TINY_INTERNVL_TILE}, "min_patches": 1, "max_patches": 4, "crop_to_patches": True,
+                       "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                       "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3}, f)
+        return save_model(model, path, overwrite=overwrite, sidecar_dir=tmp)

@@ -17,23 +17,49 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-TEMPLATES = ("vicuna_v1", "llava_hf")
+TEMPLATES = ("vicuna_v1", "llava_hf", "internvl")
+INTERNVL_IMAGE_START, INTERNVL_IMAGE_END = "<img>", "</img>"
 
 
-def format_prompt(question: str, template: str = "vicuna_v1", image_token: str = "<image>") -> str:
-    """Format one single-image question as a generation prompt (ends with ``"ASSISTANT:"``).
+def format_prompt(question: str, template: str = "vicuna_v1", image_token: str = "<image>", *,
+                  tokenizer=None) -> str:
+    """Format one single-image question as a generation prompt.
 
     ``vicuna_v1`` (original LLaVA-1.5 eval): ``"{system} USER: <image>\\n{question} ASSISTANT:"``;
-    ``llava_hf`` (llava-hf chat template, no system prompt): ``"USER: <image>\\n{question} ASSISTANT:"``.
+    ``llava_hf`` (llava-hf chat template, no system prompt): ``"USER: <image>\\n{question} ASSISTANT:"``;
+    ``internvl``: the chat template of the checkpoint's own tokenizer (``tokenizer.chat_template``,
+    an image then the question in one user turn, generation prompt added), or without one ChatML
+    ``"<|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"``; the image
+    placeholder (``image_token``, the context token) is wrapped in ``<img>``/``</img>`` as
+    transformers' InternVL processor does before expanding it.
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; valid templates: {', '.join(TEMPLATES)}")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question is empty")
+    if template == "internvl":
+        return _internvl_prompt(question, image_token, tokenizer)
     body = f"USER: {image_token}\n{question} ASSISTANT:"
     if template == "vicuna_v1":
         return f"{VICUNA_V1_SYSTEM} {body}"
     return body
+
+
+def _internvl_prompt(question: str, image_token: str, tokenizer) -> str:
+    text = None
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        if image_token not in text and "<image>" in text:
+            text = text.replace("<image>", image_token, 1)
+        if text.count(image_token) != 1:
+            raise ValueError(f"the tokenizer's chat template renders {text.count(image_token)} image placeholders "
+                             f"({image_token!r}) for one image")
+    if text is None:
+        text = f"<|im_start|>user\n{image_token}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    start = getattr(tokenizer, "start_image_token", None) or INTERNVL_IMAGE_START
+    end = getattr(tokenizer, "end_image_token", None) or INTERNVL_IMAGE_END
+    return text.replace(image_token, f"{start}{image_token}{end}", 1)
 
 
 @dataclasses.dataclass
@@ -72,7 +98,7 @@ def encode_batch(
     *,
     image_token: str,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     answers: Sequence[str | Sequence[int]] | None = None,
     padding_side: str = "left",
     pad_token_id: int | None = None,
@@ -80,8 +106,9 @@ def encode_batch(
     """Tokenise prompts (each with exactly one image token), expand the image token and pad.
 
     Each prompt is tokenised with ``add_special_tokens=True`` (BOS where the tokenizer
-    adds one); its single ``image_token_id`` is replaced by ``num_image_tokens`` copies,
-    as the llava-hf processor does. If ``answers`` are given, each answer's ids
+    adds one); its single ``image_token_id`` is replaced by ``num_image_tokens`` copies
+    (one count for every prompt, or one per prompt: InternVL's tiles differ per image),
+    as the transformers processors do. If ``answers`` are given, each answer's ids
     (``add_special_tokens=False``, no EOS) are appended and marked in ``answer_mask``.
     An answer may also be a list of token ids (e.g. what `generate` produced): they are used
     as they are, since decoding and re-tokenising text need not give the same ids back.
@@ -93,8 +120,11 @@ def encode_batch(
         raise ValueError("prompts is empty")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+    counts = [num_image_tokens] * len(prompts) if np.ndim(num_image_tokens) == 0 else list(num_image_tokens)
+    if len(counts) != len(prompts):
+        raise ValueError(f"got {len(counts)} image-token counts for {len(prompts)} prompts")
+    if min(counts) < 1:
+        raise ValueError(f"num_image_tokens must be >= 1, got {min(counts)}")
     mapped = tokenizer.convert_tokens_to_ids(image_token)
     if mapped != image_token_id:
         raise ValueError(
@@ -116,7 +146,7 @@ def encode_batch(
         if n_img != 1:
             raise ValueError(f"prompt {i} has {n_img} image tokens, expected exactly 1: {prompt!r}")
         k = ids.index(image_token_id)
-        ids = ids[:k] + [image_token_id] * num_image_tokens + ids[k + 1 :]
+        ids = ids[:k] + [image_token_id] * int(counts[i]) + ids[k + 1 :]
         prompt_lengths.append(len(ids))
         if answers is not None:
             if isinstance(answers[i], str):

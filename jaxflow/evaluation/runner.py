@@ -197,13 +197,13 @@ def check_config(cfg: EvalConfig) -> None:
 
 def prompt_lengths(bundle, items) -> np.ndarray:
     """Tokens of each item's prompt (image placeholder expanded), as the model will see it."""
-    from jaxflow.data.prompts import format_prompt
-    from jaxflow.pipeline import IMAGE_TOKEN
+    from jaxflow.pipeline import format_prompts
 
-    prompts = [format_prompt(it.formatted_question, bundle.template, IMAGE_TOKEN) for it in items]
+    prompts = format_prompts(bundle, [it.formatted_question for it in items])
     if not prompts:
         return np.zeros(0, np.int64)
     ids = bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    # the image's tokens per image (InternVL: per tile; the tile count is not known before reading the image)
     return np.asarray([len(x) for x in ids], np.int64) + bundle.config.num_image_tokens - 1
 
 
@@ -252,14 +252,14 @@ def prepare_batch(bundle, items, *, rows: int, length_bucket: int = 16, pad_squa
     """Encode items (images + prompts) into one batch of ``rows`` rows (see ``layout_rows``)."""
     from jaxflow.pipeline import encode
 
-    batch, pixels = encode(bundle, [it.image for it in items], [it.formatted_question for it in items],
-                           pad_square=pad_square)
+    batch, images = encode(bundle, [it.image for it in items], [it.formatted_question for it in items],
+                           pad_square=pad_square, with_images=True)
     cfg = bundle.config
     pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else 0
     ids, mask = layout_rows(batch.input_ids, batch.attention_mask, cfg.image_token_id, pad, rows=rows,
                             length_bucket=length_bucket)
-    if ids.shape[0] > pixels.shape[0]:
-        pixels = np.concatenate([pixels, np.repeat(pixels[:1], ids.shape[0] - pixels.shape[0], axis=0)])
+    n = len(items)
+    pixels = images.rows(list(range(n)) + [0] * (ids.shape[0] - n))  # filler rows copy row 0 and its image
     return PreparedBatch(list(items), ids, mask, np.asarray(pixels, np.float32))
 
 
