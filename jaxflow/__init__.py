@@ -1,6 +1,6 @@
-"""jaxflow: information flow in LLaVA-style vision-language models, in JAX/Flax.
+"""jaxflow: information flow in vision-language models (LLaVA-1.5, InternVL), in JAX/Flax.
 
-Public entry points (see shared DESIGN.md section 5):
+Public entry points (any family; `model.family` names it):
     model = jaxflow.load("checkpoints/NAME")
     out = jaxflow.forward(model, input_ids, pixel_values, attention_mask=None)   # out.logits (B, T, V)
     gen = jaxflow.generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=32)
@@ -13,12 +13,14 @@ from jaxflow.convert import convert_checkpoint, load, load_tokenizer, save_model
 from jaxflow.forward import ForwardOutput, forward, image_features
 from jaxflow.generate import GenerateOutput, generate
 from jaxflow.models.config import LlavaConfig, load_config
+from jaxflow.models.family import VisionLanguageModel, families
+from jaxflow.models.internvl import InternVL, InternVLConfig
 from jaxflow.models.llava import Llava
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Llava", "LlavaConfig", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint",
+    "Llava", "LlavaConfig", "InternVL", "InternVLConfig", "VisionLanguageModel", "families", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint",
     "forward", "ForwardOutput", "image_features", "generate", "GenerateOutput",
     "truncation_sweep", "SweepOutput", "truncation_generate", "TruncationGenerateOutput",
     "llava_cam", "llava_cams", "llava_cam_per_token", "cam_site", "CamResult", "attention_shares",

@@ -1,7 +1,9 @@
-"""Convert a transformers-format LLaVA checkpoint to a jaxflow checkpoint.
+"""Convert a transformers-format checkpoint of a supported family (LLaVA-1.5, InternVL -hf) to a
+jaxflow checkpoint; the family comes from config.json's model_type.
 
     python scripts/convert_checkpoint.py --hf_dir path/to/llava-1.5-7b-hf --out checkpoints/llava-1.5-7b \
         [--dtype float32|bfloat16] [--overwrite]
+    python scripts/convert_checkpoint.py --hf_dir path/to/InternVL3-1B-hf --out checkpoints/internvl3-1b
 """
 import sys
 
@@ -9,7 +11,7 @@ from absl import flags, logging
 
 from jaxflow.cli import run
 
-flags.DEFINE_string("hf_dir", None, "transformers LLaVA directory: config.json + *.safetensors (sharded or not)")
+flags.DEFINE_string("hf_dir", None, "transformers directory (LLaVA or InternVL -hf): config.json + *.safetensors (sharded or not)")
 flags.DEFINE_string("out", None, "output checkpoint directory, e.g. checkpoints/llava-1.5-7b")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of the stored weights")
 flags.DEFINE_bool("overwrite", False, "replace an existing --out")

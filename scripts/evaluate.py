@@ -1,4 +1,4 @@
-"""Evaluates a LLaVA model on POPE, TextVQA, ScienceQA-IMG or CHAIR (or the toy shapes sets) under
+"""Evaluates a model of any supported family (LLaVA, InternVL) on POPE, TextVQA, ScienceQA-IMG or CHAIR (or the toy shapes sets) under
 truncation: every cut layer K in one pass, per-item predictions as it goes (resumable), summary, CSV,
 figure and cliff layer.
 
@@ -18,6 +18,7 @@ import sys
 from absl import flags, logging
 
 from jaxflow.cli import run
+from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_enum("dataset", None, ["pope", "textvqa", "scienceqa", "chair", "toy_pope", "toy_caption"],
                   "the benchmark (toy_pope / toy_caption: generated held-out toy shapes sets)")
@@ -34,7 +35,7 @@ flags.DEFINE_float("epsilon", 0.01, "cliff-layer tolerance: |metric(K') - metric
 flags.DEFINE_integer("max_new_tokens", None, "answer length limit (default: pope 8, textvqa 16, scienceqa 8, "
                      "chair 128, toy_pope 4, toy_caption 24)")
 flags.DEFINE_bool("overwrite", False, "delete the run directory's predictions and start over")
-flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
+flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: the checkpoint's own; "
                   "vicuna_v1 for converted LLaVA-1.5)")
 flags.DEFINE_bool("pad_square", False, "pad images to a square with the mean colour (original LLaVA eval)")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "cast the checkpoint to this dtype (default: as stored)")

@@ -36,3 +36,11 @@ def tiny_checkpoint(tmp_path_factory):
     from jaxflow.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-random"))
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_checkpoint(tmp_path_factory):
+    """A tiny random InternVL (jaxflow.tiny) as a checkpoint directory: the second family's pipelines."""
+    from jaxflow.tiny import save_tiny_internvl_checkpoint
+
+    return save_tiny_internvl_checkpoint(str(tmp_path_factory.mktemp("ckpt-internvl") / "tiny-internvl"))

@@ -165,3 +165,45 @@ def test_attention_shares_match_eager_attentions(pair):
         mass = np.stack([a[..., g].sum(-1) for g in groups], -1)
         want = (mass / mass.sum(-1, keepdims=True)).mean(1)
         np.testing.assert_allclose(res.shares[b], want, atol=1e-5)
+
+
+def _convert_fails(hf_dir, tmp_path, edit, *phrases):
+    import shutil
+
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    edit(d)
+    out = tmp_path / "out"
+    res = R.convert_cli(str(d), str(out))
+    err = [l for l in res.stderr.strip().splitlines() if l.startswith("error:")]
+    assert res.returncode != 0 and len(err) == 1, res.stderr[-2000:]
+    for p in phrases:
+        assert p in err[0], err[0]
+    assert not out.exists()
+
+
+def test_converter_is_strict_and_names_the_supported_families(tmp_path):
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    _, _, hf_dir, _ = I.pair()
+
+    def drop_vision_key(d):
+        idx = json.load(open(d / "model.safetensors.index.json"))["weight_map"]
+        key = "vision_tower.encoder.layer.1.attention.q_norm.weight"
+        f = str(d / idx[key])
+        t = load_file(f)
+        t.pop(key)
+        save_file(t, f, metadata={"format": "pt"})
+        idx.pop(key)
+        json.dump({"metadata": {}, "weight_map": idx}, open(d / "model.safetensors.index.json", "w"))
+
+    _convert_fails(hf_dir, tmp_path / "a", drop_vision_key, "missing", "q_norm")
+
+    def other_family(d):
+        cfg = json.load(open(d / "config.json"))
+        cfg["model_type"] = "qwen2_vl"
+        json.dump(cfg, open(d / "config.json", "w"))
+
+    _convert_fails(hf_dir, tmp_path / "b", other_family, "model_type='qwen2_vl'", "llava", "internvl")

@@ -103,8 +103,9 @@ def family_for_model_type(model_type) -> Family:
     for f in families().values():
         if model_type in f.model_types:
             return f
+    names = "; ".join(f"{', '.join(f.model_types)}: {f.description}" for f in families().values())
     raise ConfigError(f"config.json has model_type={model_type!r}, which jaxflow does not support; "
-                      f"supported: {', '.join(supported_model_types())}")
+                      f"supported model_type values: {names}")
 
 
 def family_of(cfg) -> Family:
