@@ -1,6 +1,6 @@
 """LLaVA-CAM: Grad-CAM over the image-token grid for every decoder layer, from one backward pass.
 
-Semantics (DESIGN.md section 2). The target score of a row is s = sum_t logit(p_t - 1, y_t) over its
+Semantics (docs/analysis.md). The target score of a row is s = sum_t logit(p_t - 1, y_t) over its
 answer tokens y (teacher forcing: prompt + answer in one forward), or the sum of log-probabilities
 with score="logprob". The site is the MLP input of every decoder layer (the output of
 post_attention_layernorm) at the image-token positions. A zero-valued additive delta at every

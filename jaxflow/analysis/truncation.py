@@ -1,6 +1,6 @@
 """Truncation: cut the image out of attention from layer K on, for every K at once.
 
-Semantics (DESIGN.md section 2): for every layer l >= K no query attends to an image-token key;
+Semantics (docs/truncation.md): for every layer l >= K no query attends to an image-token key;
 positions are unchanged; K = L is the untruncated model, K = 0 the image seen by no layer.
 
 Why the fast sweep is exact. Tokens before the image (system, S) never see the image (causal), so

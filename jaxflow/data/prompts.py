@@ -1,6 +1,6 @@
 """Prompt templates, batch tokenisation with image-token expansion, and token groups.
 
-Token groups (DESIGN.md section 2), always computed from the ids:
+Token groups (docs/analysis.md), always computed from the ids:
 S = real tokens before the first image token, T = the image-token block,
 U = real tokens after the image block that are not answer tokens, A = answer tokens.
 """

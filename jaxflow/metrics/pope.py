@@ -6,7 +6,7 @@
   keep the text before the first "." (if any), delete commas, split on single spaces; the answer
   is "no" if one of the words is exactly ``No``, ``no`` or ``not``, else "yes". Everything parses,
   and the rule is case-sensitive and word-exact: "NO", "Nope" and "isn't" parse as "yes".
-  ``contractions=True`` also counts words ending in "n't" (as DESIGN.md describes the rule; the
+  ``contractions=True`` also counts words ending in "n't" (as the rule is often described; the
   reference code does not).
 - ``"exact"`` — lower-cased exact match: strip white space and one trailing "." / "!", then
   "yes" or "no"; anything else is *unparsed*: never correct, and not a "yes".

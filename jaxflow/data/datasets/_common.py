@@ -10,7 +10,7 @@ from typing import Any
 
 log = logging.getLogger("jaxflow.data.datasets")
 
-# LLaVA-1.5's evaluation instructions (DESIGN.md section 2).
+# LLaVA-1.5's evaluation instructions (docs/datasets.md).
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Please describe this image in detail."
