@@ -1,16 +1,34 @@
-"""Shared pieces of jaxflow's benchmarks: the bench model config, model builders, inputs, timing, memory.
+"""Shared pieces of jaxflow's benchmarks: the bench model configs, model builders, inputs, timing, memory.
 
-The "bench config" is a LLaVA-1.5-shaped model scaled down in width so that it runs on a 2-core CPU
-while keeping the structure that matters for speed: 32 decoder layers, 576 image tokens per image
-(CLIP at 336 px, patch 14, feature layer -2, strategy "default"), a 32064-token vocabulary.
+A "bench config" is a real model family's structure scaled down in width so that it runs on a 2-core
+CPU while keeping what matters for speed: the decoder depth, the image-token count per image and
+the real vocabulary. Every benchmark takes `--family` (and `--tiles` for InternVL, see
+`add_config_args`); the default, "llava", is the original bench config:
 
-    decoder  Llama, 32 layers, hidden 256, 8 heads (head_dim 32), 8 kv heads, MLP 688, vocab 32064
-    vision   CLIP, 336 px, patch 14 (24x24 grid), hidden 256, 4 layers, 8 heads, MLP 1024
-    image_token_id 32000
+  llava     LLaVA-1.5 structure (LlavaForConditionalGeneration), 576 image tokens per image
+            decoder  Llama, 32 layers, hidden 256, 8 heads (head_dim 32), 8 kv heads, MLP 688, vocab 32064
+            vision   CLIP, 336 px, patch 14 (24x24 grid, feature layer -2, strategy "default"), hidden
+                     256, 4 layers, 8 heads, MLP 1024
+            row      [BOS, 7 system tokens, 576 image tokens, text]; pixel_values (B, 3, 336, 336)
+  internvl  InternVL3 structure (InternVLForConditionalGeneration, the -hf checkpoints), 256 image tokens per tile
+            decoder  Qwen2 (q/k/v biases), 28 layers, hidden 256, 4 heads of 64, 2 kv heads, MLP 1024,
+                     vocab 151674 (InternVL3's), tied embeddings, rope theta 1e6
+            vision   InternViT, 448 px tiles, patch 14 (32x32 grid + CLS), hidden 128, 4 layers, 4 heads,
+                     MLP 512, layer_norm, attention biases, layer scale; pixel shuffle 0.5 -> 16x16 =
+                     256 tokens per tile; LayerNorm + 2-layer GELU projector
+            row      [7 system tokens, <img>, 256 * tiles image tokens, </img>, text]; one image per row
+                     of `tiles` tiles (1, or 3 = 1x2 tiles + the thumbnail); pixel_values (B * tiles,
+                     3, 448, 448)
 
-Weights are random (no download ever). `build_torch_model` makes the transformers model,
-`build_jaxflow_model` pushes the same weights through the real converter (save_pretrained ->
-jaxflow.convert_checkpoint -> jaxflow.load), so both frameworks hold identical parameters.
+`bench_config(family, tiles)` returns a `BenchConfig` with everything a benchmark needs (the
+transformers config, the torch class, the inputs, the header line). Weights are random (no download
+ever). `build_torch_model` makes the transformers model, `build_jaxflow_model` pushes the same weights
+through the real converter (save_pretrained -> jaxflow.convert_checkpoint -> jaxflow.load), so both
+frameworks hold identical parameters; `random_jaxflow_model` is a jaxflow-initialised model of the
+same structure (for benchmarks that compare jaxflow with itself).
+
+Goals every benchmark prints next to its figures (`GOALS`): jaxflow's forward faster than torch sdpa,
+the (L+1)-variant truncation sweep <= 3x one forward, the all-layer CAM <= 3.5x one forward.
 
 Peak memory of one framework is only meaningful in a process that holds nothing else:
 `run_isolated(fn, *args)` runs `fn` in a fresh 'spawn' subprocess and returns its result together
@@ -21,6 +39,7 @@ before either initialises.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import os
 import resource
@@ -29,13 +48,15 @@ import time
 
 import numpy as np
 
+TORCH_SEED = 0
+
+# ----- the LLaVA bench config (module-level names kept: bench_eval and older callers use them)
 IMAGE_TOKEN_ID = 32000
 VOCAB_SIZE = 32064
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576 ("default" strategy drops CLS)
 SYSTEM_PREFIX_LEN = 8  # BOS + a few "system" tokens before the image block
-TORCH_SEED = 0
 
 TEXT = dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=688, num_hidden_layers=32,
             num_attention_heads=8, num_key_value_heads=8, head_dim=32, max_position_embeddings=4096,
@@ -45,33 +66,186 @@ VISION = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=256, num
 TOP = dict(image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2, vision_feature_select_strategy="default",
            projector_hidden_act="gelu", tie_word_embeddings=False)
 
+# ----- the InternVL bench config (InternVL3 ids: <img> 151665, </img> 151666, <IMG_CONTEXT> 151667)
+INTERNVL_VOCAB_SIZE = 151674
+INTERNVL_IMAGE_TOKEN_ID = 151667
+INTERNVL_IMG_START, INTERNVL_IMG_END = 151665, 151666
+INTERNVL_TEXT_ID_MAX = 151643  # ids below this are ordinary text tokens (151643 = <|endoftext|>)
+INTERNVL_TILE = 448
+INTERNVL_TOKENS_PER_TILE = int((INTERNVL_TILE // PATCH_SIZE) * 0.5) ** 2  # 32x32 grid, shuffled by 0.5: 256
+INTERNVL_TEXT = dict(vocab_size=INTERNVL_VOCAB_SIZE, hidden_size=256, intermediate_size=1024, num_hidden_layers=28,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=151643,
+                     eos_token_id=151645, pad_token_id=151643, tie_word_embeddings=True)
+INTERNVL_VISION = dict(image_size=INTERNVL_TILE, patch_size=PATCH_SIZE, hidden_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, intermediate_size=512, hidden_act="gelu", norm_type="layer_norm",
+                       use_qk_norm=False, attention_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1)
+INTERNVL_TOP = dict(image_token_id=INTERNVL_IMAGE_TOKEN_ID, image_seq_length=INTERNVL_TOKENS_PER_TILE,
+                    downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+                    vision_feature_select_strategy="default", tie_word_embeddings=True)
+
+FAMILIES = ("llava", "internvl")
+INTERNVL_TILES = (1, 3)  # one tile, or 1x2 tiles + the thumbnail
+
+# the goals every benchmark prints next to its figures
+GOALS = {"jaxflow_forward_over_torch_sdpa_speed_min": 1.0,  # tokens/s ratio: faster than torch sdpa
+         "sweep_over_forward_max": 3.0,  # the (L+1)-variant truncation sweep / one jaxflow forward
+         "cam_over_forward_max": 3.5}  # all-layer LLaVA-CAM / one jaxflow forward
+
 
 # --------------------------------------------------------------------------- config and models
 
 
-def bench_hf_config(**overrides):
-    """The bench `transformers.LlavaConfig`. Overrides: `text=dict(...)`, `vision=dict(...)`, or any
-    top-level LlavaConfig field (e.g. `bench_hf_config(text=dict(num_hidden_layers=4))`)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One bench config: the model structure (by family) and the image layout of the inputs (tiles)."""
 
-    text = {**TEXT, **overrides.pop("text", {})}
-    vision = {**VISION, **overrides.pop("vision", {})}
-    top = {**TOP, **overrides}
-    return LlavaConfig(vision_config=CLIPVisionConfig(**vision).to_dict(),
-                       text_config=LlamaConfig(**text).to_dict(), **top)
+    family: str  # "llava" | "internvl"
+    tiles: int  # pixel rows per image: 1 for LLaVA; InternVL 1, or 3 (1x2 tiles + thumbnail)
+    image_token_id: int
+    vocab_size: int
+    num_layers: int  # decoder layers L (the sweep has L + 1 variants)
+    image_size: int  # px of one image (LLaVA) or one tile (InternVL)
+    tokens_per_image: int  # image tokens in a row (one image per row)
+    prefix_len: int  # tokens before the image block (the system prompt; InternVL: ending with <img>)
+    text: dict
+    vision: dict
+    top: dict
+
+    @property
+    def name(self) -> str:
+        return self.family if self.family == "llava" else f"internvl-{self.tiles}tile{'s' if self.tiles > 1 else ''}"
+
+    @property
+    def torch_class_name(self) -> str:
+        return {"llava": "LlavaForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}[self.family]
+
+    def torch_class(self):
+        import transformers
+
+        return getattr(transformers, self.torch_class_name)
+
+    def seq_len(self, text_tokens: int) -> int:
+        return self.tokens_per_image + text_tokens
+
+    def describe(self) -> str:
+        """One line for benchmark headers."""
+        t, v = self.text, self.vision
+        if self.family == "llava":
+            return (f"LLaVA-1.5 structure: Llama {t['num_hidden_layers']} layers x {t['hidden_size']} wide, vocab "
+                    f"{self.vocab_size}; CLIP {v['num_hidden_layers']} layers x {v['hidden_size']}, {self.image_size} px "
+                    f"-> {self.tokens_per_image} image tokens per image")
+        layout = "1 tile" if self.tiles == 1 else f"{self.tiles} tiles (1x{self.tiles - 1} + thumbnail)"
+        return (f"InternVL structure: Qwen2 {t['num_hidden_layers']} layers x {t['hidden_size']} wide "
+                f"({t['num_attention_heads']} heads of {t['hidden_size'] // t['num_attention_heads']}, "
+                f"{t['num_key_value_heads']} kv heads, MLP {t['intermediate_size']}), vocab {self.vocab_size}; "
+                f"InternViT {v['num_hidden_layers']} layers x {v['hidden_size']}, {self.image_size} px tiles -> "
+                f"{INTERNVL_TOKENS_PER_TILE} tokens per tile; one image of {layout} = {self.tokens_per_image} "
+                "image tokens per row")
+
+    def report(self) -> dict:
+        """The config as plain data for the JSON results."""
+        return {"name": self.name, "family": self.family, "tiles": self.tiles,
+                "tokens_per_image": self.tokens_per_image, "prefix_len": self.prefix_len,
+                "text": self.text, "vision": self.vision, "top": self.top}
+
+    def hf_config(self, **overrides):
+        """The transformers config. Overrides: `text=dict(...)`, `vision=dict(...)`, or any top-level
+        field (e.g. `cfg.hf_config(text=dict(num_hidden_layers=4))`)."""
+        text = {**self.text, **overrides.pop("text", {})}
+        vision = {**self.vision, **overrides.pop("vision", {})}
+        top = {**self.top, **overrides}
+        if self.family == "llava":
+            from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+            return LlavaConfig(vision_config=CLIPVisionConfig(**vision).to_dict(),
+                               text_config=LlamaConfig(**text).to_dict(), **top)
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+        return InternVLConfig(vision_config=InternVLVisionConfig(**vision).to_dict(),
+                              text_config=Qwen2Config(**text).to_dict(), **top)
+
+    def inputs(self, batch: int = 4, text_tokens: int = 64, seed: int = 0):
+        """numpy (input_ids (B, T) int64, attention_mask (B, T) int64 all ones, pixel_values float32),
+        T = tokens_per_image + text_tokens, one image per row after `prefix_len` tokens.
+        LLaVA: [BOS, 7 system tokens, 576 image tokens, text]; pixel_values (B, 3, 336, 336).
+        InternVL: [7 system tokens, <img>, 256 * tiles image tokens, </img>, text]; pixel_values
+        (B * tiles, 3, 448, 448), row b's tiles at [b * tiles, (b + 1) * tiles).
+        Text ids avoid the image token and the special ids; text_tokens must exceed prefix_len (+1 for
+        InternVL's </img>)."""
+        after_min = 1 if self.family == "llava" else 2  # a text token after the image (and </img>)
+        if text_tokens < self.prefix_len + after_min:
+            raise ValueError(f"text_tokens must be >= {self.prefix_len + after_min} (the {self.prefix_len}-token "
+                             "system prefix and text after the image)")
+        rng = np.random.RandomState(seed)
+        t = self.seq_len(text_tokens)
+        img = slice(self.prefix_len, self.prefix_len + self.tokens_per_image)
+        if self.family == "llava":
+            ids = rng.randint(3, IMAGE_TOKEN_ID, size=(batch, t)).astype(np.int64)
+            ids[:, 0] = self.text["bos_token_id"]
+        else:
+            ids = rng.randint(3, INTERNVL_TEXT_ID_MAX, size=(batch, t)).astype(np.int64)
+            ids[:, img.start - 1] = INTERNVL_IMG_START
+            ids[:, img.stop] = INTERNVL_IMG_END
+        ids[:, img] = self.image_token_id
+        mask = np.ones((batch, t), np.int64)
+        pixels = rng.randn(batch * self.tiles, 3, self.image_size, self.image_size).astype(np.float32)
+        return ids, mask, pixels
 
 
-def build_torch_model(attn_implementation: str = "sdpa", seed: int = TORCH_SEED, **config_overrides):
-    """transformers LlavaForConditionalGeneration with random weights (fixed torch seed), eval mode, fp32."""
+def bench_config(family: str = "llava", tiles: int = 1) -> BenchConfig:
+    """The bench config of `family` ("llava" or "internvl"); tiles: InternVL tiles per image (1 or 3)."""
+    if family == "llava":
+        if tiles != 1:
+            raise ValueError("LLaVA takes one 336 px image per row (tiles must be 1)")
+        return BenchConfig("llava", 1, IMAGE_TOKEN_ID, VOCAB_SIZE, TEXT["num_hidden_layers"], IMAGE_SIZE,
+                           NUM_IMAGE_TOKENS, SYSTEM_PREFIX_LEN, TEXT, VISION, TOP)
+    if family == "internvl":
+        if tiles not in INTERNVL_TILES:
+            raise ValueError(f"InternVL bench images have {' or '.join(map(str, INTERNVL_TILES))} tiles, got {tiles}")
+        return BenchConfig("internvl", tiles, INTERNVL_IMAGE_TOKEN_ID, INTERNVL_VOCAB_SIZE,
+                           INTERNVL_TEXT["num_hidden_layers"], INTERNVL_TILE, INTERNVL_TOKENS_PER_TILE * tiles,
+                           SYSTEM_PREFIX_LEN, INTERNVL_TEXT, INTERNVL_VISION, INTERNVL_TOP)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def add_config_args(ap):
+    """--family / --tiles on an argparse parser (read back with `config_from_args`)."""
+    ap.add_argument("--family", choices=FAMILIES, default="llava",
+                    help="bench config: llava (default; LLaVA-1.5 structure) or internvl (InternVL3 structure: "
+                    "InternViT on 448 px tiles, 256 tokens per tile, Qwen2 28 layers); see benchmarks/common.py")
+    ap.add_argument("--tiles", type=int, choices=INTERNVL_TILES, default=1,
+                    help="internvl: tiles per image, 1 or 3 (1x2 tiles + thumbnail)")
+    return ap
+
+
+def config_from_args(args) -> BenchConfig:
+    return bench_config(args.family, args.tiles if args.family == "internvl" else 1)
+
+
+def _as_config(config) -> BenchConfig:
+    if config is None:
+        return bench_config("llava")
+    return bench_config(config) if isinstance(config, str) else config
+
+
+def bench_hf_config(config: BenchConfig | str | None = None, **overrides):
+    """The bench transformers config (default: LLaVA's `LlavaConfig`); see `BenchConfig.hf_config`."""
+    return _as_config(config).hf_config(**overrides)
+
+
+def build_torch_model(attn_implementation: str = "sdpa", seed: int = TORCH_SEED, config: BenchConfig | str | None = None,
+                      **config_overrides):
+    """The transformers model of the bench config (default LLaVA) with random weights (fixed torch
+    seed), eval mode, fp32."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     if attn_implementation not in ("eager", "sdpa"):
         raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {attn_implementation!r}")
+    cfg = _as_config(config)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(bench_hf_config(**config_overrides),
-                                                       attn_implementation=attn_implementation,
-                                                       dtype=torch.float32)
+    model = cfg.torch_class()._from_config(cfg.hf_config(**config_overrides), attn_implementation=attn_implementation,
+                                           dtype=torch.float32)
     return model.eval()
 
 
@@ -98,32 +272,45 @@ def build_jaxflow_model(torch_model, workdir: str, dtype: str = "float32"):
 
 
 def load_torch_model(hf_dir: str, attn_implementation: str):
-    """The saved bench model back in torch (fp32, eval) with the given attention implementation."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
+    """The saved bench model (any family: the class comes from its config.json) back in torch (fp32,
+    eval) with the given attention implementation."""
+    import json
 
-    model = LlavaForConditionalGeneration.from_pretrained(hf_dir, attn_implementation=attn_implementation,
-                                                          dtype=torch.float32)
+    import torch
+    import transformers
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        family = json.load(f)["model_type"]
+    cls = getattr(transformers, bench_config(family, 1).torch_class_name)
+    model = cls.from_pretrained(hf_dir, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval()
+
+
+def random_jaxflow_model(config: BenchConfig | str | None = None, seed: int = 0):
+    """A jaxflow model of the bench config with jaxflow's own random init (no torch, no converter).
+    LLaVA is built as `Llava(from_hf_dict(...))`, which every jaxflow version has (bench_refactor runs
+    it against the pre-refactor tree); other families through the family registry."""
+    from flax import nnx
+
+    cfg = _as_config(config)
+    d = cfg.hf_config().to_dict()
+    if cfg.family == "llava":
+        from jaxflow.models.config import from_hf_dict
+        from jaxflow.models.llava import Llava
+
+        return Llava(from_hf_dict(d), rngs=nnx.Rngs(seed))
+    from jaxflow.models.family import build_model, config_from_hf_dict
+
+    return build_model(config_from_hf_dict(d), rngs=nnx.Rngs(seed))
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def bench_inputs(batch: int = 4, text_tokens: int = 64, seed: int = 0):
-    """numpy inputs: input_ids (B, 576 + text_tokens) int64 = [BOS, 7 system tokens, 576 image tokens,
-    the rest text], attention_mask (B, T) int64 all ones, pixel_values (B, 3, 336, 336) float32.
-    Text ids avoid the image token and the special ids 0..2. text_tokens must be > SYSTEM_PREFIX_LEN."""
-    if text_tokens <= SYSTEM_PREFIX_LEN:
-        raise ValueError(f"text_tokens must exceed the {SYSTEM_PREFIX_LEN}-token system prefix")
-    rng = np.random.RandomState(seed)
-    t = NUM_IMAGE_TOKENS + text_tokens
-    ids = rng.randint(3, IMAGE_TOKEN_ID, size=(batch, t)).astype(np.int64)
-    ids[:, 0] = TEXT["bos_token_id"]
-    ids[:, SYSTEM_PREFIX_LEN:SYSTEM_PREFIX_LEN + NUM_IMAGE_TOKENS] = IMAGE_TOKEN_ID
-    mask = np.ones((batch, t), np.int64)
-    pixels = rng.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32)
-    return ids, mask, pixels
+def bench_inputs(batch: int = 4, text_tokens: int = 64, seed: int = 0, config: BenchConfig | str | None = None):
+    """The bench config's numpy inputs (default LLaVA): input_ids (B, N + text_tokens) int64,
+    attention_mask all ones, pixel_values float32; see `BenchConfig.inputs`."""
+    return _as_config(config).inputs(batch, text_tokens, seed)
 
 
 # --------------------------------------------------------------------------- threads, timing, memory

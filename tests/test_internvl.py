@@ -207,3 +207,40 @@ def test_converter_is_strict_and_names_the_supported_families(tmp_path):
         json.dump(cfg, open(d / "config.json", "w"))
 
     _convert_fails(hf_dir, tmp_path / "b", other_family, "model_type='qwen2_vl'", "llava", "internvl")
+
+
+def test_fastv_keep_sets_on_rows_with_different_image_lengths(pair):
+    """keep_top_k over rows of 4 and 12 image tokens: the sweep equals the masked reference with the
+    keep-set, and kept tokens lie inside each row's own image block."""
+    from jaxflow.analysis.truncation import fastv_keep_mask
+
+    _, jm = pair
+    ids, mask, pix, _, _ = I.batch_inputs(seed=7)
+    k = 3
+    sweep = jaxflow.truncation_sweep(jm, ids, pix, mask, keep_top_k=k)
+    gen = jaxflow.truncation_generate(jm, ids, pix, mask, keep_top_k=k, max_new_tokens=3, eos_token_id=-1)
+    for vi, K in enumerate(sweep.layers):
+        keep = fastv_keep_mask(jm, ids, pix, mask, int(K), k)
+        assert keep.sum(1).tolist() == [k, k] and not (keep & (ids != I.IMAGE_TOKEN)).any()
+        ref = np.asarray(jaxflow.forward(jm, ids, pix, mask, truncate_at=int(K), keep_image_mask=keep).logits)
+        for b in range(2):
+            pos = sweep.positions[b][sweep.mask[b]]
+            assert np.abs(sweep.logits[vi, b, :len(pos)] - ref[b, pos]).max() <= 1e-5, K
+        one = jaxflow.generate(jm, ids, pix, mask, max_new_tokens=3, eos_token_id=-1, truncate_at=int(K),
+                               keep_image_mask=keep)
+        np.testing.assert_array_equal(gen.tokens[vi], one.tokens)
+    with pytest.raises(ValueError, match="keep_top_k must be an integer in 0..3"):
+        jaxflow.truncation_sweep(jm, ids, pix, mask, keep_top_k=4)  # the one-tile row has 4 image tokens
+
+
+def test_smoothgrad_and_per_token_maps_on_tiles(pair):
+    _, jm = pair
+    ids, mask, pix, layouts, amask = I.batch_inputs(seed=8, answer_lengths=(2, 3))
+    grids = [l.grid for l in layouts]
+    res = jaxflow.llava_cams(jm, ids, pix, amask, attention_mask=mask, tile_grids=grids, per_token=True,
+                             smooth_n=2, smooth_sigma=0.1, image_mean=(0.485, 0.456, 0.406),
+                             image_std=(0.229, 0.224, 0.225))
+    L = jm.config.text.num_layers
+    assert res.maps["paper"].shape == (2, L, 2, 4) and res.token_maps["gradxact"].shape == (2, 3, L, 2, 4)
+    assert np.isfinite(res.maps["gradcam"]).all() and res.maps["gradcam"].max() == 1.0
+    assert (res.token_maps["paper"][0, :, :, :, 2:] == 0).all()  # row 0's grid is 2x2

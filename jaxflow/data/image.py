@@ -277,3 +277,33 @@ def box_to_model_frame(box, image_wh: tuple[int, int], spec: ImageSpec,
         x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
         out_h, out_w = ch, cw
     return (min(max(x0, 0.0), out_w), min(max(y0, 0.0), out_h), min(max(x1, 0.0), out_w), min(max(y1, 0.0), out_h))
+
+
+def model_input_box(image_wh: tuple[int, int], spec: ImageSpec,
+                    pad_square: bool = False) -> tuple[float, float, float, float]:
+    """The region (x0, y0, x1, y1), in the original image's pixels, that the preprocessed image covers:
+    the centre crop mapped back through the resizing (and ``pad_square``'s padding), with the very
+    offsets ``preprocess_image`` uses. It lies inside the image when the crop cuts it; it reaches
+    outside where the image was padded (``pad_square``: the whole padded square, e.g. y in
+    [-(w - h) // 2, ...) for a wide image; a crop larger than the resized image: its zero padding).
+    ``box_to_model_frame`` of this region is the whole model frame."""
+    w, h = int(image_wh[0]), int(image_wh[1])
+    if w < 1 or h < 1:
+        raise ValueError(f"image size must be positive, got {w}x{h} (w x h)")
+    dx = dy = 0
+    if pad_square and w != h:
+        side = max(w, h)
+        dx, dy = (0, (w - h) // 2) if w > h else ((h - w) // 2, 0)
+        w = h = side
+    sx = sy = 1.0
+    nw, nh = w, h
+    if spec.do_resize:
+        nh, nw = resize_output_hw(h, w, spec)
+        sx, sy = nw / w, nh / h
+    x0, y0, x1, y1 = 0.0, 0.0, float(nw), float(nh)
+    if spec.do_center_crop:
+        ch, cw = int(spec.crop_size[0]), int(spec.crop_size[1])
+        top = (nh - ch) // 2 if nh >= ch else -math.ceil((ch - nh) / 2)
+        left = (nw - cw) // 2 if nw >= cw else -math.ceil((cw - nw) / 2)
+        x0, y0, x1, y1 = float(left), float(top), float(left + cw), float(top + ch)
+    return (x0 / sx - dx, y0 / sy - dy, x1 / sx - dx, y1 / sy - dy)

@@ -5,9 +5,16 @@ without pyplot (no global backend or figure state is touched, so it is safe in n
 `save(fig, path)` writes a PNG (through a temporary file renamed into place).
 Overlays upsample the token grid to the image bilinearly (half-pixel centres, edges clamped:
 the convention of `jax.image.resize(..., "bilinear")` and torch's `align_corners=False`).
+
+The image under an overlay is an (H, W, 3) uint8 array, which the map covers whole, or a `MapImage`:
+the original image and the box, in its pixels, that the map's grid covers (LLaVA: the centre crop
+mapped back, or the padded square; InternVL: the whole image). `map_raster` resamples a grid onto
+the image's pixels inside that box.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 
 import numpy as np
@@ -38,15 +45,82 @@ def upsample_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (top * (1 - fy)[:, None] + bot * fy[:, None]).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class MapImage:
+    """An image to draw token-grid maps over: `image` (H, W, 3) uint8 (the original image) and `box`
+    (x0, y0, x1, y1), in its pixels, the region the map's grid covers (None: the whole image). A box
+    reaching outside the image (LLaVA's pad_square) widens the canvas; the part of the canvas outside
+    the image is drawn in `fill` (RGB 0..255, the padding colour the model saw)."""
+    image: np.ndarray
+    box: tuple[float, float, float, float] | None = None
+    fill: tuple[int, int, int] = (255, 255, 255)
+
+    @property
+    def map_box(self) -> tuple[float, float, float, float]:
+        h, w = self.image.shape[:2]
+        return (0.0, 0.0, float(w), float(h)) if self.box is None else tuple(float(v) for v in self.box)
+
+    @property
+    def canvas(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) integer pixel bounds of what is drawn: the image and the map's box."""
+        h, w = self.image.shape[:2]
+        bx0, by0, bx1, by1 = self.map_box
+        return (min(0, math.floor(bx0)), min(0, math.floor(by0)), max(w, math.ceil(bx1)), max(h, math.ceil(by1)))
+
+
+def as_map_image(image) -> MapImage:
+    """A MapImage, or an (H, W, 3) array that the map covers whole."""
+    return image if isinstance(image, MapImage) else MapImage(np.asarray(image))
+
+
+def map_raster(image, m: np.ndarray) -> np.ndarray:
+    """A (gh, gw) map resampled onto the canvas pixels of `image` (a MapImage or an array the map
+    covers whole): (canvas height, canvas width) float32, bilinear with half-pixel centres inside the
+    map's box (edges clamped), NaN outside it. For a box equal to the whole image it is
+    `upsample_bilinear(m, (H, W))`."""
+    frame = as_map_image(image)
+    m = np.asarray(m, np.float64)
+    gh, gw = m.shape
+    cx0, cy0, cx1, cy1 = frame.canvas
+    bx0, by0, bx1, by1 = frame.map_box
+
+    def coords(start, stop, lo, hi, n_in):  # canvas pixels [start, stop) -> source coords, inside mask
+        p = np.arange(start, stop) + 0.5  # pixel centres in image coordinates
+        c = (p - lo) * n_in / (hi - lo) - 0.5
+        inside = (p >= lo) & (p < hi)
+        c = np.clip(c, 0, n_in - 1)
+        i0 = np.floor(c).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), c - i0, inside
+
+    y0, y1, fy, iny = coords(cy0, cy1, by0, by1, gh)
+    x0, x1, fx, inx = coords(cx0, cx1, bx0, bx1, gw)
+    top = m[y0][:, x0] * (1 - fx) + m[y0][:, x1] * fx
+    bot = m[y1][:, x0] * (1 - fx) + m[y1][:, x1] * fx
+    out = (top * (1 - fy)[:, None] + bot * fy[:, None]).astype(np.float32)
+    return np.where(np.outer(iny, inx), out, np.float32(np.nan))
+
+
+def _aspect(image) -> float:
+    """Height / width of what an overlay draws."""
+    x0, y0, x1, y1 = as_map_image(image).canvas
+    return (y1 - y0) / max(x1 - x0, 1)
+
+
 def _grid_shape(n: int, cols: int) -> tuple[int, int]:
     cols = max(1, min(cols, n))
     return -(-n // cols), cols
 
 
 def _overlay(ax, image, m, *, vmin=0.0, vmax=1.0, cmap="jet", alpha=0.5):
-    ax.imshow(image)
-    up = upsample_bilinear(m, image.shape[:2])
-    im = ax.imshow(up, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
+    frame = as_map_image(image)
+    h, w = frame.image.shape[:2]
+    cx0, cy0, cx1, cy1 = frame.canvas
+    ax.set_facecolor(np.asarray(frame.fill, np.float64) / 255.0)
+    ax.imshow(frame.image, extent=(0, w, h, 0))
+    im = ax.imshow(map_raster(frame, m), cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax,
+                   extent=(cx0, cx1, cy1, cy0))
+    ax.set_xlim(cx0, cx1)
+    ax.set_ylim(cy1, cy0)
     ax.set_xticks([])
     ax.set_yticks([])
     return im
@@ -55,8 +129,8 @@ def _overlay(ax, image, m, *, vmin=0.0, vmax=1.0, cmap="jet", alpha=0.5):
 def layer_grid_figure(image: np.ndarray, maps: np.ndarray, *, title: str, layers=None, cols: int = 8,
                       cbar_label: str = "relevance / layer max", cmap: str = "jet", alpha: float = 0.5,
                       normalise: bool = False):
-    """One overlay per layer: image (H, W, 3) uint8, maps (L, gh, gw) in [0, 1] (normalise=True rescales
-    each layer from its minimum to its maximum first)."""
+    """One overlay per layer: image (H, W, 3) uint8 or a MapImage, maps (L, gh, gw) in [0, 1]
+    (normalise=True rescales each layer from its minimum to its maximum first)."""
     maps = np.asarray(maps, np.float32)
     layers = list(range(maps.shape[0])) if layers is None else list(layers)
     if normalise:  # min to max per layer (attention maps: the structure, not the level)
@@ -65,7 +139,9 @@ def layer_grid_figure(image: np.ndarray, maps: np.ndarray, *, title: str, layers
         maps = (maps - lo[:, None, None]) / np.where(span > 0, span, 1)[:, None, None]
     rows, cols = _grid_shape(len(layers), cols)
     width = max(1.9 * cols + 1.4, 7.5)
-    fig = Figure(figsize=(width, 2.0 * rows + 1.3))
+    panel = 1.75 * min(max(_aspect(image), 0.3), 2.5) + 0.25  # a square image: 2 inches
+    height = panel * rows + 1.3
+    fig = Figure(figsize=(width, height))
     axes = fig.subplots(rows, cols, squeeze=False)
     im = None
     for ax in axes.flat[len(layers):]:
@@ -74,7 +150,6 @@ def layer_grid_figure(image: np.ndarray, maps: np.ndarray, *, title: str, layers
         im = _overlay(ax, image, maps[l], cmap=cmap, alpha=alpha)
         peak = float(maps[l].max())
         ax.set_title(f"layer {l}" + ("" if peak > 0 else " (zero)"), fontsize=9)
-    height = 2.0 * rows + 1.3
     fig.suptitle(title, fontsize=11)
     top = 1 - 0.85 / height
     right = 1 - 1.25 / width  # room for the colour bar and its label, in inches
@@ -86,11 +161,12 @@ def layer_grid_figure(image: np.ndarray, maps: np.ndarray, *, title: str, layers
 
 def token_grid_figure(image: np.ndarray, token_maps: np.ndarray, token_labels, *, title: str, layers=None,
                       cmap: str = "jet", alpha: float = 0.5):
-    """Per answer token (rows) and layer (columns): token_maps (A, L, gh, gw) in [0, 1]."""
+    """Per answer token (rows) and layer (columns): token_maps (A, L, gh, gw) in [0, 1]; image as in
+    `layer_grid_figure`."""
     token_maps = np.asarray(token_maps, np.float32)
     a, n_layers = token_maps.shape[:2]
     layers = list(range(n_layers)) if layers is None else list(layers)
-    height = 1.8 * a + 1.2
+    height = (1.55 * min(max(_aspect(image), 0.3), 2.5) + 0.25) * a + 1.2  # a square image: 1.8 per row
     width = max(1.7 * len(layers) + 2.4, 7.5)
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(a, len(layers), squeeze=False)
@@ -142,7 +218,8 @@ def _group_bounds(ranges: dict, length: int):
 def attention_heatmap_figure(rows: np.ndarray, query_labels, ranges: dict, image: np.ndarray, image_map: np.ndarray,
                              *, layer: int, title: str):
     """One layer: the queries' attention over every key (Q, T), log colour scale, with the token groups
-    marked; and that layer's attention to the image tokens over the image (paper Fig. 2B)."""
+    marked; and that layer's attention to the image tokens over the image (an array or a MapImage)
+    (paper Fig. 2B)."""
     rows = np.asarray(rows, np.float64)
     q, t = rows.shape
     fig = Figure(figsize=(13.5, max(3.6, 0.32 * q + 2.2)))
