@@ -1,4 +1,9 @@
-"""The demo as a library function: answer one question about one image and describe the tokens."""
+"""The demo as a library function: answer one question about one image and describe the tokens.
+
+Works on every model family. model_input.png is what the model sees (`viz.report.model_input_view`:
+LLaVA's preprocessed image; InternVL's tiles in their grid and the thumbnail); the analyses' overlays
+are drawn on the original image (`viz.report.map_image`). summary.json's "grid" and
+"num_image_tokens" are the image's own (from its tokens), not a per-model constant."""
 from __future__ import annotations
 
 import os
@@ -16,7 +21,8 @@ class DemoError(ValueError):
 
 
 def model_view(pixels: np.ndarray, spec) -> Image.Image:
-    """Un-normalises one preprocessed image (3, H, W) back to RGB for display."""
+    """Un-normalises one preprocessed image (3, H, W) (LLaVA's image, one InternVL tile) back to RGB for
+    display."""
     mean, std = np.asarray(spec.image_mean)[:, None, None], np.asarray(spec.image_std)[:, None, None]
     rgb = np.clip((pixels * std + mean) * 255.0, 0, 255).round().astype(np.uint8)
     return Image.fromarray(rgb.transpose(1, 2, 0))
@@ -28,6 +34,7 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
     every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`) and the truncation sweep
     (`out/truncation`)."""
     from jaxflow.convert import CheckpointError
+    from jaxflow.viz.report import check_pad_square
 
     if not question or not question.strip():
         raise DemoError("--question is empty")
@@ -35,6 +42,9 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
         raise DemoError(f"image not found: {image}")
     try:
         bundle = load_bundle(checkpoint, template=template)
+        check_pad_square(bundle, pad_square, DemoError)
+    except DemoError:
+        raise
     except (CheckpointError, ValueError, OSError) as e:
         raise DemoError(str(e)) from e
     template = bundle.template
@@ -43,28 +53,47 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
     except (OSError, ValueError) as e:
         raise DemoError(str(e)) from e
     text, ids = ans.texts[0], ans.token_ids[0]
-    batch, pixels = encode(bundle, [image], [question], [ids] if ids else None, pad_square=pad_square)
+    batch, enc = encode(bundle, [image], [question], [ids] if ids else None, pad_square=pad_square,
+                        with_images=True)
     spans = spans_summary(batch, bundle.config.image_token_id)
     final = os.path.abspath(out)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     out = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=os.path.dirname(final))
     try:
-        return _write_demo(out, final, bundle, image, question, template, text, ids, batch, pixels, spans,
+        return _write_demo(out, final, bundle, image, question, template, text, ids, batch, enc, spans,
                            checkpoint, max_new_tokens, pad_square, analyses, progress)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _write_demo(out, final, bundle, image, question, template, text, ids, batch, pixels, spans, checkpoint,
+def image_grid(bundle, batch, enc, row: int = 0) -> tuple[int, int]:
+    """(gh, gw) of row `row`'s image grid, as the analyses place its maps (the model's own geometry of
+    the image's tokens: LLaVA's patch grid, InternVL's stitched tile grids)."""
+    from jaxflow.models.image_layout import image_layout
+
+    geoms = bundle.model.image_geometries(batch.input_ids, batch.attention_mask, enc.pixel_values, **enc.image_kw)
+    lay = image_layout(batch.input_ids, batch.attention_mask, bundle.config.image_token_id, geoms)
+    return int(lay.grids[row, 0]), int(lay.grids[row, 1])
+
+
+def _write_demo(out, final, bundle, image, question, template, text, ids, batch, enc, spans, checkpoint,
                 max_new_tokens, pad_square, analyses, progress):
-    model_view(pixels[0], bundle.image_spec).save(os.path.join(out, "model_input.png"))
+    from jaxflow.viz.report import image_token_count, model_input_view
+
+    Image.fromarray(model_input_view(bundle, enc, 0)).save(os.path.join(out, "model_input.png"))
     result = {
-        "model": bundle.name, "image": os.path.abspath(image), "question": question, "template": template,
-        "answer": text, "answer_ids": ids, "input_ids": batch.input_ids[0].tolist(), "spans": spans,
-        "num_image_tokens": bundle.config.num_image_tokens, "grid": list(bundle.config.grid_hw),
+        "model": bundle.name, "family": bundle.family, "image": os.path.abspath(image), "question": question,
+        "template": template, "answer": text, "answer_ids": ids, "input_ids": batch.input_ids[0].tolist(),
+        "spans": spans,
+        "num_image_tokens": image_token_count(batch.input_ids[0], batch.attention_mask[0],
+                                              bundle.config.image_token_id),
+        "grid": list(image_grid(bundle, batch, enc, 0)),
         "out": final,
     }
+    if enc.layouts:  # a tiled image: its tile grid and whether a thumbnail follows
+        lay = enc.layouts[0]
+        result["tiles"] = {"rows": lay.rows, "cols": lay.cols, "thumbnail": bool(lay.has_thumbnail)}
     if analyses:
         from jaxflow.analysis.sweep_report import run_sweep_report
         from jaxflow.viz.report import AnalyzeError, run_analysis

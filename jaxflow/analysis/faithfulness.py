@@ -1,9 +1,12 @@
 """Do the heat maps point at what the answer is about? The pointing game and the energy-in-box share
 of LLaVA-CAM maps, per layer and per method, against boxes of the asked object.
 
-Geometry. A box is given in the original image's pixels; `box_to_model_frame` carries it through the
-same padding, resizing and cropping the image went through, onto the preprocessed image, which the
-vision tower cuts into a (grid_h, grid_w) grid of square cells (14 px for CLIP ViT-L/14).
+Geometry. A box is given in the original image's pixels. LLaVA: `box_to_model_frame` carries it
+through the same padding, resizing and cropping the image went through, onto the preprocessed image,
+which the vision tower cuts into a (grid_h, grid_w) grid of square cells (14 px for CLIP ViT-L/14)
+(`box_cells`). InternVL: the image is resized whole (no crop, no padding) before it is cut into tiles,
+so the stitched grid of the tiles' tokens covers the original image exactly, and the box is placed on
+it by scaling alone (`image_box_cells`). Each sample is scored on its own image's grid.
 
 - pointing game: a sample is a hit at layer l when the centre of the cell holding its map's maximum
   (the first one in row-major order if several cells tie) lies inside the box; an all-zero map (no
@@ -48,6 +51,17 @@ def box_cells(box, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple
     iny = (cy >= y0) & (cy < y1)
     inx = (cx >= x0) & (cx < x1)
     return np.outer(oy, ox).astype(np.float32), np.outer(iny, inx)
+
+
+def image_box_cells(box, image_wh: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A box (x0, y0, x1, y1) in the original image's pixels, on a grid that covers the whole image
+    (InternVL's stitched tile grid): cell (r, c) of a (GH, GW) grid covers x in [c W/GW, (c+1) W/GW)
+    and y in [r H/GH, (r+1) H/GH) of the W x H image. The box is clipped to the image. -> (coverage,
+    centre_in) as `box_cells`."""
+    w, h = float(image_wh[0]), float(image_wh[1])
+    x0, y0, x1, y1 = (float(v) for v in box)
+    clipped = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
+    return box_cells(clipped, (h, w), grid_hw)
 
 
 def pointing_hits(maps: np.ndarray, centre_in: np.ndarray) -> np.ndarray:
@@ -115,6 +129,7 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
     from jaxflow.analysis.cam import llava_cams
     from jaxflow.data.image import box_to_model_frame, load_image
     from jaxflow.pipeline import answer, encode
+    from jaxflow.viz.report import check_pad_square
 
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     bad = [m for m in methods if m not in METHODS]
@@ -123,12 +138,13 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
     samples = list(samples)
     if not samples:
         raise ValueError("faithfulness needs at least one sample")
-    cfg = bundle.config
-    grid = cfg.vision.image_size // cfg.vision.patch_size
-    out_hw = bundle.image_spec.output_hw
-    L = cfg.text.num_layers
-    maps = {m: [] for m in methods}
-    cover, centre, answers, areas = [], [], [], []
+    check_pad_square(bundle, pad_square)
+    llava = bundle.family == "llava"  # else a grid over the whole original image (InternVL's tiles)
+    out_hw = bundle.image_spec.output_hw if llava else None
+    L = bundle.config.text.num_layers
+    hits = {m: [] for m in methods}  # per sample (L,), each on its own image's grid
+    energies = {m: [] for m in methods}
+    chance, answers, areas = [], [], []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -147,33 +163,36 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
             empty = [chunk[j].question for j, a in enumerate(given) if a is None]
             if empty:
                 raise ValueError(f"the model gave an empty answer to {empty[0]!r}: give the answer to explain")
-        batch, pixels = encode(bundle, images, [s.question for s in chunk], answers=given, pad_square=pad_square,
-                               padding_side="left")
-        res = llava_cams(bundle.model, batch.input_ids, pixels, batch.answer_mask, methods,
-                         attention_mask=batch.attention_mask, attn_impl=attn_impl)
-        for m in methods:
-            maps[m].append(res.maps[m])  # (b, L, gh, gw)
-        for s, im, a in zip(chunk, images, given):
-            box = box_to_model_frame(s.box, im.size, bundle.image_spec, pad_square=pad_square)
-            c, ctr = box_cells(box, out_hw, (grid, grid))
-            cover.append(c)
-            centre.append(ctr)
-            areas.append(max(box[2] - box[0], 0) * max(box[3] - box[1], 0) / (out_hw[0] * out_hw[1]))
+        batch, enc = encode(bundle, images, [s.question for s in chunk], answers=given, pad_square=pad_square,
+                            padding_side="left", with_images=True)
+        res = llava_cams(bundle.model, batch.input_ids, enc.pixel_values, batch.answer_mask, methods,
+                         attention_mask=batch.attention_mask, attn_impl=attn_impl, **enc.image_kw)
+        for j, (s, im, a) in enumerate(zip(chunk, images, given)):
+            gh, gw = (int(x) for x in res.grids[j])  # this image's grid (the batch's maps are padded)
+            if llava:
+                box = box_to_model_frame(s.box, im.size, bundle.image_spec, pad_square=pad_square)
+                c, ctr = box_cells(box, out_hw, (gh, gw))
+                areas.append(max(box[2] - box[0], 0) * max(box[3] - box[1], 0) / (out_hw[0] * out_hw[1]))
+            else:
+                c, ctr = image_box_cells(s.box, im.size, (gh, gw))
+                x0, y0, x1, y1 = (min(max(float(v), 0.0), lim) for v, lim in zip(s.box, im.size * 2))
+                areas.append(max(x1 - x0, 0) * max(y1 - y0, 0) / (im.size[0] * im.size[1]))
+            chance.append(float(ctr.mean()))
+            for m in methods:
+                mm = res.maps[m][j:j + 1, :, :gh, :gw]  # (1, L, gh, gw)
+                hits[m].append(pointing_hits(mm, ctr[None])[0])
+                energies[m].append(energy_in_box(mm, c[None])[0])
             answers.append(a if isinstance(a, str) else bundle.tokenizer.decode(a, skip_special_tokens=True))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    cover_a, centre_a = np.stack(cover), np.stack(centre)  # (N, gh, gw)
-    hits, energies = {}, {}
-    for m in methods:
-        mm = np.concatenate(maps[m])  # (N, L, gh, gw)
-        hits[m] = pointing_hits(mm, centre_a)
-        energies[m] = energy_in_box(mm, cover_a)
+    hits = {m: np.stack(hits[m]) for m in methods}  # (N, L) bool
+    energies = {m: np.stack(energies[m]).astype(np.float32) for m in methods}  # (N, L)
     return FaithfulnessResult(
         methods=methods, num_layers=L, n=len(samples),
         pointing={m: hits[m].mean(0) for m in methods}, energy={m: energies[m].mean(0) for m in methods},
-        hits=hits, energies=energies, chance_pointing=float(centre_a.reshape(len(samples), -1).mean(1).mean()),
+        hits=hits, energies=energies, chance_pointing=float(np.mean(chance)),
         chance_energy=float(np.mean(areas)), answers=answers)
 
 
@@ -289,7 +308,8 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
     try:
-        summary = dict(result.summary(), model=bundle.name, samples=source, template=bundle.template)
+        summary = dict(result.summary(), model=bundle.name, family=bundle.family, samples=source,
+                       template=bundle.template)
         write_json(os.path.join(tmp, "summary.json"), summary)
         np.savez(os.path.join(tmp, "per_sample.npz"),
                  **{f"{m}_hits": result.hits[m] for m in methods}, **{f"{m}_energy": result.energies[m] for m in methods})

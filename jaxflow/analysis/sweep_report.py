@@ -1,4 +1,8 @@
-"""One image, one question, every cut layer K: answers, the answer's probability, the cliff layer."""
+"""One image, one question, every cut layer K: answers, the answer's probability, the cliff layer.
+
+Family-agnostic: the image is encoded by the bundle's family (LLaVA: one image; InternVL: its tiles and
+thumbnail), and the cut removes all of the image's tokens, however many the image gives
+(`SweepReport.num_image_tokens`, counted in the ids). pad_square is LLaVA-only."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,10 +24,11 @@ class SweepReport:
     first_token_logprob: np.ndarray  # (V,) log p(first answer token | prompt) under each K
     first_token_margin: np.ndarray  # (V,) logit of the answer's first token minus the best other logit
     cliff: int  # jaxflow.evaluation.cliff.cliff_layer of the first answer token's probability
+    num_image_tokens: int = 0  # the image's tokens in the prompt (what the cut removes), counted in the ids
 
     def to_json(self) -> dict:
         return {"layers": self.layers.tolist(), "answers": self.answers, "answer_ids": self.answer_ids,
-                "reference_answer": self.reference_answer,
+                "reference_answer": self.reference_answer, "num_image_tokens": self.num_image_tokens,
                 "answer_probability": np.exp(self.answer_logprob).tolist(),
                 "answer_logprob": self.answer_logprob.tolist(),
                 "first_token_probability": np.exp(self.first_token_logprob).tolist(),
@@ -33,6 +38,9 @@ class SweepReport:
 def sweep_report(bundle: Bundle, image, question: str, *, max_new_tokens: int = 16, layers=None,
                  keep_top_k: int = 0, epsilon: float = 0.05, pad_square: bool = False) -> SweepReport:
     """Greedy answers for every K, and how likely each variant finds the untruncated answer."""
+    from jaxflow.viz.report import check_pad_square, image_token_count
+
+    check_pad_square(bundle, pad_square)
     model = bundle.model
     L = model.config.text.num_layers
     ks = np.arange(L + 1) if layers is None else np.asarray(sorted(set(int(k) for k in layers) | {L}))
@@ -62,7 +70,8 @@ def sweep_report(bundle: Bundle, image, question: str, *, max_new_tokens: int = 
     cliff = cliff_layer(ks, np.exp(first_logprob), epsilon)
     return SweepReport(layers=ks, answers=answers, answer_ids=ids, reference_answer=answers[-1],
                        answer_logprob=answer_logprob, first_token_logprob=first_logprob, first_token_margin=margin,
-                       cliff=cliff)
+                       cliff=cliff, num_image_tokens=image_token_count(tf.input_ids[0], tf.attention_mask[0],
+                                                                       model.config.image_token_id))
 
 
 def _logsumexp(x):
@@ -101,8 +110,8 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".sweep-", dir=parent)
     try:
-        data = {"model": bundle.name, "image": os.path.abspath(image), "question": question,
-                "keep_top_k": keep_top_k, "epsilon": epsilon, **report.to_json()}
+        data = {"model": bundle.name, "family": bundle.family, "image": os.path.abspath(image),
+                "question": question, "keep_top_k": keep_top_k, "epsilon": epsilon, **report.to_json()}
         write_json(os.path.join(tmp, "answers.json"), data)
         plot_sweep_report(report, os.path.join(tmp, "sweep.png"),
                           title=f"{bundle.name}: {question!r} (cliff layer {report.cliff})")

@@ -57,27 +57,31 @@ _ident = lambda a: a  # noqa: E731
 _transpose = lambda a: a.T  # noqa: E731
 
 
-def _text_source(path: tuple[str, ...], cfg) -> Source:
-    """The decoder (`language_model.*`) and the LM head: the same layout for every family whose
-    decoder is Llama-like (LLaVA's Llama, InternVL's Qwen2)."""
+def _rule_source(path: tuple[str, ...], layer_prefix: str, num_layers: int) -> Source:
+    """The common rule: our dotted path with `kernel`/`scale` -> `weight` (kernels transposed), and the
+    stacked `layers` axis -> one key per layer under `layer_prefix`."""
     leaf = path[-1]
-    if path[1] == "lm_head":
-        return Source(("lm_head.weight",), _transpose, False)
-    if path[1] == "embed_tokens":
-        return Source(("language_model.embed_tokens.weight",), _ident, False)
     name = {"scale": "weight", "kernel": "weight", "bias": "bias"}[leaf]
     transform = _transpose if leaf == "kernel" else _ident
     if path[1] == "layers":
         mid = ".".join(path[2:-1])
-        return Source(tuple(f"language_model.layers.{i}.{mid}.{name}" for i in range(cfg.text.num_layers)),
-                      transform, True)
+        return Source(tuple(f"{layer_prefix}.{i}.{mid}.{name}" for i in range(num_layers)), transform, True)
     return Source((".".join(path[:-1]) + "." + name,), transform, False)
+
+
+def _text_source(path: tuple[str, ...], cfg) -> Source:
+    """The decoder (`language_model.*`) and the LM head: the same layout for every family whose
+    decoder is Llama-like (LLaVA's Llama, InternVL's Qwen2)."""
+    if path[1] == "lm_head":
+        return Source(("lm_head.weight",), _transpose, False)
+    if path[1] == "embed_tokens":
+        return Source(("language_model.embed_tokens.weight",), _ident, False)
+    return _rule_source(path, "language_model.layers", cfg.text.num_layers)
 
 
 def llava_param_source(path: tuple[str, ...], cfg) -> Source:
     """HF source of the parameter at `path` in a Llava tree (e.g. ('language_model','layers','mlp',...))."""
     top = path[0]
-    leaf = path[-1]
     if top == "language_model":
         return _text_source(path, cfg)
     if top == "vision_tower" and path[1] == "patch_embedding":
@@ -86,13 +90,7 @@ def llava_param_source(path: tuple[str, ...], cfg) -> Source:
     if top == "vision_tower" and path[1] in ("class_embedding", "position_embedding"):
         suffix = "" if path[1] == "class_embedding" else ".weight"
         return Source((f"vision_tower.embeddings.{path[1]}{suffix}",), _ident, False)
-    name = {"scale": "weight", "kernel": "weight", "bias": "bias"}[leaf]
-    transform = _transpose if leaf == "kernel" else _ident
-    if path[1] == "layers":
-        mid = ".".join(path[2:-1])
-        return Source(tuple(f"vision_tower.encoder.layers.{i}.{mid}.{name}" for i in range(cfg.vision.num_layers)),
-                      transform, True)
-    return Source((".".join(path[:-1]) + "." + name,), transform, False)
+    return _rule_source(path, "vision_tower.encoder.layers", cfg.vision.num_layers)
 
 
 def internvl_param_source(path: tuple[str, ...], cfg) -> Source:

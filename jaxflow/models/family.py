@@ -52,6 +52,16 @@ def position_ids(attention_mask):
     return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
 
 
+def scatter_image_features(x, input_ids, image_token_id: int, feats):
+    """Writes packed image features into token embeddings, as transformers' masked_scatter: the i-th
+    image token of the batch (row-major) gets the i-th feature row. x (B, T, D); input_ids (B, T);
+    feats (n, D) (or (n_img, N, D), flattened) -> (B, T, D)."""
+    flat = feats.astype(x.dtype).reshape(-1, feats.shape[-1])  # (n, D)
+    is_img = input_ids == image_token_id
+    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(is_img.shape)
+    return jnp.where(is_img[..., None], flat[idx], x)
+
+
 class DecoderRope:
     """1-D positions counting real tokens and the decoder's RoPE tables (LLaVA, InternVL)."""
 

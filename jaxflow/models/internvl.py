@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxflow.models.config import ConfigError, TextConfig, text_config_from_hf, text_config_to_hf
-from jaxflow.models.family import DecoderRope
+from jaxflow.models.family import DecoderRope, scatter_image_features
 from jaxflow.models.image_layout import tiled_geometry
 from jaxflow.models.internvit import (InternVisionConfig, InternVisionModel, InternVLProjector,
                                       internvl_image_features, vision_config_from_hf)
@@ -144,10 +144,7 @@ class InternVL(DecoderRope, nnx.Module):
         x = self.language_model.embed(input_ids)
         if pixel_values is None:
             return x
-        flat = self.encode_images(pixel_values, impl).astype(x.dtype)  # (n, D)
-        is_img = input_ids == self.config.image_token_id
-        idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(is_img.shape)
-        return jnp.where(is_img[..., None], flat[idx], x)
+        return scatter_image_features(x, input_ids, self.config.image_token_id, self.encode_images(pixel_values, impl))
 
     # host side ------------------------------------------------------------------------------
 

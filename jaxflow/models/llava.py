@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxflow.models.clip import ClipVisionTower
 from jaxflow.models.config import LlavaConfig
-from jaxflow.models.family import DecoderRope
+from jaxflow.models.family import DecoderRope, scatter_image_features
 from jaxflow.models.image_layout import square_geometry
 from jaxflow.models.layers import Linear, activation
 from jaxflow.models.llama import LlamaModel
@@ -89,9 +89,5 @@ class Llava(DecoderRope, nnx.Module):
     def embed_with_features(self, input_ids, feats):
         """`embed` with the projected image features given ((B_img, N, D) or packed (n, D)):
         input_ids (B, T) -> (B, T, D)."""
-        x = self.language_model.embed(input_ids)
-        feats = feats.astype(x.dtype)
-        flat = feats.reshape(-1, feats.shape[-1])  # (B_img * N, D)
-        is_img = input_ids == self.config.image_token_id
-        idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(is_img.shape)
-        return jnp.where(is_img[..., None], flat[idx], x)
+        return scatter_image_features(self.language_model.embed(input_ids), input_ids, self.config.image_token_id,
+                                      feats)

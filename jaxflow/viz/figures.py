@@ -244,7 +244,7 @@ def attention_heatmap_figure(rows: np.ndarray, query_labels, ranges: dict, image
     m = np.asarray(image_map, np.float32)
     lo, hi = float(m.min()), float(m.max())
     im2 = _overlay(ax2, image, m, vmin=lo, vmax=hi if hi > lo else lo + 1e-12, cmap="jet", alpha=0.55)
-    ax2.set_title("attention to the image tokens (colour: min to max)", fontsize=10)
+    ax2.set_title("attention to the image tokens\n(colour: min to max)", fontsize=10)
     cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, pad=0.03)
     cb2.set_label("attention (mean over queries)")
     fig.suptitle(f"{title} — layer {layer}", fontsize=11)

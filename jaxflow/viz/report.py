@@ -4,15 +4,22 @@
 method (plus one map per answer token), attention shares and image attention, and the saliency
 flows, then writes into `out`:
 
-    model_input.png            the image as the model sees it (after preprocessing)
+    model_input.png            the image as the model sees it (LLaVA: after preprocessing; InternVL:
+                               its tiles in their grid, then the thumbnail, from the pixel values)
     cam_{method}.png           per-layer CAM overlays
     cam_{method}_tokens.png    per-answer-token CAM overlays (a subset of layers)
     attention_shares.png       S / T / U shares per layer (paper Fig. 2A)
     attention_layer{K}.png     one layer's attention heat map and image attention (paper Fig. 2B)
     image_attention.png        per-layer attention to the image tokens on the grid
     flows.png                  per-layer saliency flows S->A, T->A, U->A, ... (paper Fig. 1 as data)
-    arrays.npz                 every array behind the figures
+    arrays.npz                 every array behind the figures (maps on the image's own grid)
     summary.json               inputs, answer, spans, per-layer numbers, file list
+
+Overlays are drawn on the original image (`map_image`): an InternVL map (its tiles' grids stitched)
+covers the whole image, which was resized, not cropped, before tiling; a LLaVA map covers the region
+the model input shows (the centre crop mapped back to the original's pixels; with pad_square the
+padded square, its padding drawn in the padding colour). summary.json records the grid, the image
+tokens (counted in the ids), the image size and that region ("map_box").
 
 All files are written to a temporary folder next to `out` first and moved into place at the end, so
 a failed run leaves nothing half-written.
@@ -39,9 +46,65 @@ class AnalyzeError(ValueError):
     """Bad analyze input; the message says what to fix."""
 
 
-def _model_view(pixels: np.ndarray, spec) -> np.ndarray:
+def _unnormalise(pixels: np.ndarray, spec) -> np.ndarray:
+    """One preprocessed image (3, H, W) -> (H, W, 3) uint8 RGB for display."""
     mean, std = np.asarray(spec.image_mean)[:, None, None], np.asarray(spec.image_std)[:, None, None]
     return np.clip((pixels * std + mean) * 255.0, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def check_pad_square(bundle, pad_square: bool, error=ValueError) -> None:
+    """pad_square is LLaVA's evaluation option: one clear line on any other family."""
+    if pad_square and bundle.family != "llava":
+        raise error(f"--pad_square is LLaVA-only: {bundle.name!r} is a model of the {bundle.family!r} family, "
+                    "which does not pad images to a square")
+
+
+def model_input_view(bundle, enc, row: int = 0, gap: int = 4) -> np.ndarray:
+    """What the model sees of image `row` of `enc` (a `pipeline.EncodedImages`), (H, W, 3) uint8.
+    LLaVA: the preprocessed image. Tiled families (InternVL): the tiles at their places in the grid,
+    `gap` white pixels apart, then the thumbnail (if any) to the right, top-aligned."""
+    tiles = enc.rows([row])  # (n, 3, S, S), or (1, 3, H, W)
+    views = [_unnormalise(t, bundle.image_spec) for t in tiles]
+    if bundle.family == "llava" or not enc.layouts:
+        return views[0]
+    lay = enc.layouts[row]
+    th, tw = views[0].shape[:2]
+    rows, cols = lay.rows, lay.cols
+    grid_w = cols * tw + (cols - 1) * gap
+    width = grid_w + (3 * gap + tw if lay.has_thumbnail else 0)
+    height = rows * th + (rows - 1) * gap
+    out = np.full((height, width, 3), 255, np.uint8)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        out[r * (th + gap):r * (th + gap) + th, c * (tw + gap):c * (tw + gap) + tw] = views[i]
+    if lay.has_thumbnail:
+        out[:th, grid_w + 3 * gap:] = views[rows * cols]
+    return out
+
+
+def map_image(bundle, image, *, pad_square: bool = False):
+    """The original image (a path or PIL image) as a `figures.MapImage`: with the region, in its pixels,
+    that the analyses' image grid covers. LLaVA: the centre crop mapped back through the resizing
+    (`data.image.model_input_box`; with pad_square the padded square, drawn in the padding colour).
+    InternVL (and any family that resizes the whole image into tiles): the whole image."""
+    from PIL import Image
+
+    from jaxflow.data.image import load_image, mean_background, model_input_box
+    from jaxflow.viz.figures import MapImage
+
+    pil = image if isinstance(image, Image.Image) else load_image(image)
+    rgb = np.asarray(pil.convert("RGB"), np.uint8)
+    if bundle.family != "llava":
+        check_pad_square(bundle, pad_square)
+        return MapImage(rgb)
+    spec = bundle.image_spec
+    fill = mean_background(spec) if pad_square else (0, 0, 0)  # expand2square's colour; the crop's zero padding
+    return MapImage(rgb, model_input_box(pil.size, spec, pad_square=pad_square), tuple(int(v) for v in fill[:3]))
+
+
+def image_token_count(ids: np.ndarray, mask: np.ndarray, image_token_id: int) -> int:
+    """Image tokens of one row, counted in its ids (padding excluded)."""
+    return int(((np.asarray(ids) == image_token_id) & (np.asarray(mask) > 0)).sum())
 
 
 def _label(tokenizer, tid: int) -> str:
@@ -122,6 +185,7 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
         step(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
         bundle = load_bundle(checkpoint, template=template)
         template = bundle.template
+        check_pad_square(bundle, pad_square, AnalyzeError)
     except AnalyzeError:
         raise
     except (CheckpointError, ValueError, OSError) as e:
@@ -140,29 +204,38 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
                 raise AnalyzeError("the model's greedy answer is empty (it stopped at once); pass --answer")
         else:
             answer_text = answer
-        batch, pixels = encode(bundle, [image], [question], [answer_ids], pad_square=pad_square)
+        batch, enc = encode(bundle, [image], [question], [answer_ids], pad_square=pad_square, with_images=True)
+        frame = map_image(bundle, image, pad_square=pad_square)
     except AnalyzeError:
         raise
     except (OSError, ValueError) as e:
         raise AnalyzeError(str(e)) from e
+    pixels, image_kw = enc.pixel_values, enc.image_kw
     ids, mask, amask = batch.input_ids, batch.attention_mask, batch.answer_mask
+    n_image = image_token_count(ids[0], mask[0], cfg.image_token_id)
     answer_labels = [_label(tok, t) for t in answer_ids]
     step(f"answer: {answer_text!r} ({len(answer_ids)} tokens); sequence of {ids.shape[1]} tokens, "
-         f"{cfg.num_image_tokens} image tokens, {L} layers")
+         f"{n_image} image tokens, {L} layers")
 
     step(f"LLaVA-CAM ({', '.join(methods)}), all layers and per answer token"
          + (f", SmoothGrad over {smooth_n} noisy copies" if smooth_n else "") + " (compiles on first use)")
     cams = llava_cams(bundle.model, ids, pixels, amask, methods, attention_mask=mask, threshold=threshold,
                       score=score, per_token=True, smooth_n=smooth_n, smooth_sigma=smooth_sigma, seed=seed,
-                      image_mean=bundle.image_spec.image_mean, image_std=bundle.image_spec.image_std)
+                      image_mean=bundle.image_spec.image_mean, image_std=bundle.image_spec.image_std, **image_kw)
     pred = np.zeros_like(amask)
     pos = np.flatnonzero(amask[0])
     pred[0, pos - 1] = True
     qmask = pred if queries == "predicting" else amask
     step(f"attention shares of the {'answer-predicting' if queries == 'predicting' else 'answer'} queries")
-    att = attention_analysis(bundle.model, ids, pixels, qmask, attention_mask=mask, answer_mask=amask, heads=heads)
+    att = attention_analysis(bundle.model, ids, pixels, qmask, attention_mask=mask, answer_mask=amask, heads=heads,
+                             **image_kw)
     step("information-flow saliency")
-    flow = information_flow(bundle.model, ids, pixels, amask, attention_mask=mask, score=score)
+    flow = information_flow(bundle.model, ids, pixels, amask, attention_mask=mask, score=score, **image_kw)
+    gh, gw = (int(x) for x in cams.grids[0])  # the image's own grid (the batch's maps are padded to the largest)
+    cam_maps = {m: cams.maps[m][0][..., :gh, :gw] for m in methods}  # (L, gh, gw)
+    cam_raw = {m: cams.raw[m][0][..., :gh, :gw] for m in methods}
+    cam_tokens = {m: cams.token_maps[m][0][..., :gh, :gw] for m in methods}  # (A, L, gh, gw)
+    image_att = att.image_maps[0][..., :gh, :gw]  # (L, gh, gw)
 
     shares = att.shares[0]  # (L, 3)
     heat_layer = int(np.argmax(shares[:, 1])) if layer is None else int(layer)
@@ -170,7 +243,7 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
     q_pos = att.query_positions[0][q_valid]
     q_labels = [f"{p}: {_label(tok, ids[0, p])}" for p in q_pos]
     spans = spans_summary(batch, cfg.image_token_id)[0]
-    view = _model_view(pixels[0], bundle.image_spec)
+    view = model_input_view(bundle, enc, 0)
     n_tok = min(len(answer_ids), max_token_maps)
     subset = _layer_subset(L)
     qa = f"Q: {' '.join(question.split())}   A: {' '.join(answer_text.split())}"
@@ -196,19 +269,19 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
         smooth_note = (f", SmoothGrad n={smooth_n} σ={smooth_sigma}" if smooth_n else "") + \
             (f", threshold {threshold}" if threshold is not None else "") + (", log-prob score" if score == "logprob" else "")
         for m in methods:
-            fig_out(V.layer_grid_figure(view, cams.maps[m][0], title=f"LLaVA-CAM ({m}{smooth_note}) of the answer "
+            fig_out(V.layer_grid_figure(frame, cam_maps[m], title=f"LLaVA-CAM ({m}{smooth_note}) of the answer "
                                         f"score, every layer\n{qa}"), f"cam_{m}.png")
-            fig_out(V.token_grid_figure(view, cams.token_maps[m][0, :n_tok], answer_labels[:n_tok],
+            fig_out(V.token_grid_figure(frame, cam_tokens[m][:n_tok], answer_labels[:n_tok],
                                         layers=subset, title=f"LLaVA-CAM ({m}{smooth_note}) per answer token\n{qa}"),
                     f"cam_{m}_tokens.png")
         qname = "answer-predicting" if queries == "predicting" else "answer"
         fig_out(V.shares_figure(shares, title=f"Attention of the {qname} tokens to S / T / U "
                                 f"(heads {heads})\n{qa}"), "attention_shares.png")
-        fig_out(V.attention_heatmap_figure(att.rows[0, heat_layer][q_valid], q_labels, spans, view,
-                                           att.image_maps[0, heat_layer], layer=heat_layer,
+        fig_out(V.attention_heatmap_figure(att.rows[0, heat_layer][q_valid], q_labels, spans, frame,
+                                           image_att[heat_layer], layer=heat_layer,
                                            title=f"Attention of the {qname} tokens"),
                 f"attention_layer{heat_layer}.png")
-        fig_out(V.layer_grid_figure(view, att.image_maps[0], title=f"Attention of the {qname} tokens to the "
+        fig_out(V.layer_grid_figure(frame, image_att, title=f"Attention of the {qname} tokens to the "
                                     f"image, every layer (heads {heads})\n{qa}", normalise=True,
                                     cbar_label="attention, min to max per layer"), "image_attention.png")
         fig_out(V.flows_figure({k: v[0] for k, v in flow.flows.items()},
@@ -219,14 +292,14 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
             "answer_ids": np.asarray(answer_ids, np.int32), "token_scores": cams.scores[0][:len(answer_ids)],
             "attention_shares": shares, "attention_query_shares": att.query_shares[0][:, q_valid],
             "attention_query_positions": q_pos, "attention_rows": att.rows[0][:, q_valid],
-            "image_attention": att.image_maps[0], "saliency": flow.saliency[0][:, flow.query_mask[0]],
+            "image_attention": image_att, "saliency": flow.saliency[0][:, flow.query_mask[0]],
             "saliency_query_positions": flow.query_positions[0][flow.query_mask[0]],
             "saliency_query_is_answer": flow.query_is_answer[0][flow.query_mask[0]],
         }
         for m in methods:
-            arrays[f"cam_{m}"] = cams.maps[m][0]
-            arrays[f"cam_{m}_raw"] = cams.raw[m][0]
-            arrays[f"cam_{m}_tokens"] = cams.token_maps[m][0, :len(answer_ids)]
+            arrays[f"cam_{m}"] = cam_maps[m]
+            arrays[f"cam_{m}_raw"] = cam_raw[m]
+            arrays[f"cam_{m}_tokens"] = cam_tokens[m][:len(answer_ids)]
         for k, v in flow.flows.items():
             arrays["flow_" + k.replace("->", "_to_")] = v[0]
         tmp_npz = os.path.join(tmp, "arrays.tmp.npz")
@@ -240,11 +313,13 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
             "answer_tokens": answer_labels, "token_scores": [float(x) for x in arrays["token_scores"]],
             "score": score, "methods": list(methods), "threshold": threshold, "smooth_n": int(smooth_n),
             "smooth_sigma": float(smooth_sigma) if smooth_n else None, "heads": heads, "queries": queries,
-            "num_layers": L, "grid": list(cfg.grid_hw), "num_image_tokens": cfg.num_image_tokens,
+            "num_layers": L, "grid": [gh, gw], "num_image_tokens": n_image, "family": bundle.family,
+            "image_size": [int(frame.image.shape[1]), int(frame.image.shape[0])],
+            "map_box": [round(float(v), 4) for v in frame.map_box],
             "sequence_length": int(ids.shape[1]), "spans": spans, "heatmap_layer": heat_layer,
             "attention_shares": {g: [float(x) for x in shares[:, k]] for k, g in enumerate("STU")},
             "flows": {k: [float(x) for x in v[0]] for k, v in flow.flows.items()},
-            "cam_peak": {m: [[int(i) for i in np.unravel_index(np.argmax(cams.maps[m][0, l]), cfg.grid_hw)]
+            "cam_peak": {m: [[int(i) for i in np.unravel_index(np.argmax(cam_maps[m][l]), (gh, gw))]
                              for l in range(L)] for m in methods},
             "arrays": {k: list(np.shape(v)) for k, v in arrays.items()},
             "files": sorted(files + ["summary.json"]),
@@ -260,4 +335,4 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
     return summary
 
 
-__all__ = ["AnalyzeError", "run_analysis", "FLOWS", "QUERIES"]
+__all__ = ["AnalyzeError", "run_analysis", "check_pad_square", "map_image", "model_input_view", "FLOWS", "QUERIES"]
