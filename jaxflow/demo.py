@@ -34,7 +34,7 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
     every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`) and the truncation sweep
     (`out/truncation`)."""
     from jaxflow.convert import CheckpointError
-    from jaxflow.viz.report import check_pad_square
+    from jaxflow.pipeline import check_pad_square
 
     if not question or not question.strip():
         raise DemoError("--question is empty")
@@ -79,7 +79,8 @@ def image_grid(bundle, batch, enc, row: int = 0) -> tuple[int, int]:
 
 def _write_demo(out, final, bundle, image, question, template, text, ids, batch, enc, spans, checkpoint,
                 max_new_tokens, pad_square, analyses, progress):
-    from jaxflow.viz.report import image_token_count, model_input_view
+    from jaxflow.pipeline import image_token_count
+    from jaxflow.viz.report import model_input_view
 
     Image.fromarray(model_input_view(bundle, enc, 0)).save(os.path.join(out, "model_input.png"))
     result = {

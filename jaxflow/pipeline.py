@@ -143,15 +143,26 @@ def _internvl_image_config(checkpoint: str, model):
     return spec
 
 
+def check_pad_square(bundle: Bundle, pad_square: bool, error=ValueError) -> None:
+    """pad_square is LLaVA's evaluation option: one clear line on any other family."""
+    if pad_square and bundle.family != "llava":
+        raise error(f"--pad_square is LLaVA-only: {bundle.name!r} is a model of the {bundle.family!r} family, "
+                    "which does not pad images to a square")
+
+
+def image_token_count(ids: np.ndarray, mask: np.ndarray, image_token_id: int) -> int:
+    """Image tokens of one row, counted in its ids (padding excluded)."""
+    return int(((np.asarray(ids) == image_token_id) & (np.asarray(mask) > 0)).sum())
+
+
 def encode_images(bundle: Bundle, images, *, pad_square: bool = False) -> EncodedImages:
     """Images (paths or PIL images) -> the family's pixel values and layout."""
+    check_pad_square(bundle, pad_square)
     pil = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
     n = len(pil)
     if bundle.family == "internvl":
         from jaxflow.data.internvl_image import preprocess_internvl
 
-        if pad_square:
-            raise ValueError("pad_square is LLaVA's evaluation option; InternVL tiles the image instead")
         px = preprocess_internvl(pil, bundle.image_spec)
         counts = np.asarray(px.num_patches, np.int64)
         return EncodedImages(px.pixel_values, counts, counts * bundle.config.tokens_per_tile,

@@ -6,9 +6,13 @@ and the bundled image (no downloads):
     python scripts/analyze.py
     python scripts/analyze.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg \\
         --question "Is there a cat in the image?" --methods paper,gradcam --smooth_n 8 --out outputs/cat
+    python scripts/analyze.py --checkpoint checkpoints/internvl3-1b --image cat.jpg --question "Is there a cat?"
 Without --answer the model's greedy answer is generated first and then teacher-forced.
 Outputs (in --out): cam_{method}.png, cam_{method}_tokens.png, attention_shares.png,
 attention_layer{K}.png, image_attention.png, flows.png, model_input.png, arrays.npz, summary.json.
+Overlays are drawn on the original image (LLaVA: over the part the centre crop keeps, or the padded
+square with --pad_square; InternVL: over the whole image, its tiles' grids stitched); model_input.png is
+what the model sees (LLaVA: the preprocessed image; InternVL: the tiles and the thumbnail).
 """
 import os
 import sys
@@ -16,6 +20,7 @@ import sys
 from absl import flags, logging
 
 from jaxflow.cli import run
+from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
@@ -31,11 +36,12 @@ flags.DEFINE_enum("queries", "predicting", ["predicting", "answer"],
                   "attention queries: the positions that predict the answer tokens (last prompt token and the "
                   "answer but its last token), or the answer tokens themselves")
 flags.DEFINE_integer("layer", None, "layer of the attention heat map (default: the largest image share)")
-flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
-                  "vicuna_v1 for converted LLaVA-1.5)")
+flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: the checkpoint's own: "
+                  "vicuna_v1 for converted LLaVA-1.5, internvl for InternVL)")
 flags.DEFINE_integer("max_new_tokens", 8, "greedy decoding length limit when no --answer is given")
 flags.DEFINE_integer("max_token_maps", 8, "per-token CAM figure: at most this many answer tokens")
-flags.DEFINE_bool("pad_square", False, "pad the image to a square with the mean colour (original LLaVA eval)")
+flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square with the mean colour "
+                  "(original LLaVA eval)")
 flags.DEFINE_integer("seed", 0, "SmoothGrad noise seed")
 flags.DEFINE_string("out", "outputs/analyze", "output folder")
 FLAGS = flags.FLAGS

@@ -1,10 +1,13 @@
-"""Runs a LLaVA model on one image and question: greedy answer, token-group spans, and (unless
---noanalyses) every instrument: LLaVA-CAM per layer, attention shares, information flow, truncation sweep.
+"""Runs a vision-language model (LLaVA or InternVL) on one image and question: greedy answer, token-group
+spans, and (unless --noanalyses) every instrument: LLaVA-CAM per layer, attention shares, information flow,
+truncation sweep. Overlays are drawn on the original image; model_input.png shows what the model sees
+(LLaVA: the preprocessed image; InternVL: its tiles and thumbnail).
 
 With no flags it uses the embedded toy model (jaxflow/assets/toy_llava, trained on synthetic shapes)
 and the bundled image (no downloads):
     python scripts/demo.py
     python scripts/demo.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg --question "What is this?"
+    python scripts/demo.py --checkpoint checkpoints/internvl3-1b --image cat.jpg --question "What is this?"
 """
 import os
 import sys
@@ -12,14 +15,16 @@ import sys
 from absl import flags, logging
 
 from jaxflow.cli import run
+from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
-flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
-                  "vicuna_v1 for converted LLaVA-1.5)")
+flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: the checkpoint's own: "
+                  "vicuna_v1 for converted LLaVA-1.5, internvl for InternVL)")
 flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit")
-flags.DEFINE_bool("pad_square", False, "pad the image to a square with the mean colour (original LLaVA eval)")
+flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square with the mean colour "
+                  "(original LLaVA eval)")
 flags.DEFINE_bool("analyses", True, "also run LLaVA-CAM, attention shares, flows and the truncation sweep")
 flags.DEFINE_string("out", "outputs/demo", "output folder: summary.json, model_input.png, analysis/, truncation/")
 FLAGS = flags.FLAGS
@@ -41,6 +46,9 @@ def main(argv):
     print(f"model:    {result['model']}")
     print(f"question: {result['question']}")
     print(f"answer:   {result['answer']!r}")
+    tiles = result.get("tiles")
+    tiled = f" ({tiles['rows']}x{tiles['cols']} tiles{' + thumbnail' if tiles['thumbnail'] else ''})" if tiles else ""
+    print(f"image:    {result['num_image_tokens']} image tokens, grid {result['grid'][0]}x{result['grid'][1]}{tiled}")
     print("token groups [start, end) per row (S system, T image, U user, A answer):")
     for g, r in result["spans"][0].items():
         print(f"  {g:7s} {r}")

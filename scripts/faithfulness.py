@@ -13,6 +13,7 @@ import sys
 from absl import flags, logging
 
 from jaxflow.cli import run
+from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("boxes", None, "JSON-lines file of your own samples with boxes (default: held-out toy samples)")
@@ -21,8 +22,10 @@ flags.DEFINE_integer("n", 200, "toy samples (without --boxes)")
 flags.DEFINE_integer("seed", 0, "seed of the toy samples")
 flags.DEFINE_list("methods", ["paper", "gradcam", "gradxact"], "CAM methods: paper, gradcam, gradxact")
 flags.DEFINE_integer("batch_size", 16, "samples per forward/backward pass")
-flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own)")
-flags.DEFINE_bool("pad_square", False, "pad images to a square with the mean colour (original LLaVA eval)")
+flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: the checkpoint's own: "
+                  "vicuna_v1 for converted LLaVA-1.5, internvl for InternVL)")
+flags.DEFINE_bool("pad_square", False, "LLaVA only: pad images to a square with the mean colour "
+                  "(original LLaVA eval)")
 flags.DEFINE_string("out", "outputs/faithfulness", "output folder: summary.json, per_sample.npz, faithfulness.png")
 FLAGS = flags.FLAGS
 

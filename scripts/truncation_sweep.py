@@ -11,18 +11,20 @@ import sys
 from absl import flags, logging
 
 from jaxflow.cli import run
+from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
-flags.DEFINE_enum("template", None, ["vicuna_v1", "llava_hf"], "prompt template (default: the checkpoint's own; "
-                  "vicuna_v1 for converted LLaVA-1.5)")
+flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: the checkpoint's own: "
+                  "vicuna_v1 for converted LLaVA-1.5, internvl for InternVL)")
 flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit for every K")
 flags.DEFINE_list("layers", None, "cut layers K to evaluate (default: all of 0..L)")
 flags.DEFINE_integer("keep_top_k", 0, "FastV-style: keep this many image tokens from layer K on")
 flags.DEFINE_float("epsilon", 0.05, "cliff: smallest K after which P(first answer token) stays within "
                    "epsilon of its value at K = L")
-flags.DEFINE_bool("pad_square", False, "pad the image to a square with the mean colour (original LLaVA eval)")
+flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square with the mean colour "
+                  "(original LLaVA eval)")
 flags.DEFINE_string("out", "outputs/truncation_sweep", "output folder: answers.json, sweep.png")
 FLAGS = flags.FLAGS
 

@@ -129,7 +129,7 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
     from jaxflow.analysis.cam import llava_cams
     from jaxflow.data.image import box_to_model_frame, load_image
     from jaxflow.pipeline import answer, encode
-    from jaxflow.viz.report import check_pad_square
+    from jaxflow.pipeline import check_pad_square
 
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     bad = [m for m in methods if m not in METHODS]

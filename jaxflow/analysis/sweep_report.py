@@ -38,7 +38,7 @@ class SweepReport:
 def sweep_report(bundle: Bundle, image, question: str, *, max_new_tokens: int = 16, layers=None,
                  keep_top_k: int = 0, epsilon: float = 0.05, pad_square: bool = False) -> SweepReport:
     """Greedy answers for every K, and how likely each variant finds the untruncated answer."""
-    from jaxflow.viz.report import check_pad_square, image_token_count
+    from jaxflow.pipeline import check_pad_square, image_token_count
 
     check_pad_square(bundle, pad_square)
     model = bundle.model

@@ -203,8 +203,10 @@ def prompt_lengths(bundle, items) -> np.ndarray:
     if not prompts:
         return np.zeros(0, np.int64)
     ids = bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    # the image's tokens per image (InternVL: per tile; the tile count is not known before reading the image)
-    return np.asarray([len(x) for x in ids], np.int64) + bundle.config.num_image_tokens - 1
+    # image tokens of one image (LLaVA) or one tile (InternVL: the tile count needs the image itself)
+    cfg = bundle.config
+    per_image = cfg.num_image_tokens if bundle.family == "llava" else cfg.tokens_per_tile
+    return np.asarray([len(x) for x in ids], np.int64) + per_image - 1
 
 
 def plan_batches(lengths, batch_size: int) -> list[list[int]]:

@@ -45,11 +45,6 @@ class InternVLConfig:
     def tokens_per_tile(self) -> int:
         return self.tile_side ** 2
 
-    @property
-    def num_image_tokens(self) -> int:
-        """Image tokens of one tile (an image of n tiles has n times this many)."""
-        return self.tokens_per_tile
-
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 InternVL config.json dict for this config."""
         return {

@@ -37,7 +37,8 @@ from jaxflow.analysis.attention import attention_analysis
 from jaxflow.analysis.cam import METHODS, llava_cams
 from jaxflow.analysis.flow import FLOWS, information_flow
 from jaxflow.pipeline import answer as greedy_answer
-from jaxflow.pipeline import encode, load_bundle, publish_dir, spans_summary, write_json
+from jaxflow.pipeline import (check_pad_square, encode, image_token_count, load_bundle, publish_dir, spans_summary,
+                              write_json)
 
 QUERIES = ("predicting", "answer")
 
@@ -50,13 +51,6 @@ def _unnormalise(pixels: np.ndarray, spec) -> np.ndarray:
     """One preprocessed image (3, H, W) -> (H, W, 3) uint8 RGB for display."""
     mean, std = np.asarray(spec.image_mean)[:, None, None], np.asarray(spec.image_std)[:, None, None]
     return np.clip((pixels * std + mean) * 255.0, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
-
-
-def check_pad_square(bundle, pad_square: bool, error=ValueError) -> None:
-    """pad_square is LLaVA's evaluation option: one clear line on any other family."""
-    if pad_square and bundle.family != "llava":
-        raise error(f"--pad_square is LLaVA-only: {bundle.name!r} is a model of the {bundle.family!r} family, "
-                    "which does not pad images to a square")
 
 
 def model_input_view(bundle, enc, row: int = 0, gap: int = 4) -> np.ndarray:
@@ -100,11 +94,6 @@ def map_image(bundle, image, *, pad_square: bool = False):
     spec = bundle.image_spec
     fill = mean_background(spec) if pad_square else (0, 0, 0)  # expand2square's colour; the crop's zero padding
     return MapImage(rgb, model_input_box(pil.size, spec, pad_square=pad_square), tuple(int(v) for v in fill[:3]))
-
-
-def image_token_count(ids: np.ndarray, mask: np.ndarray, image_token_id: int) -> int:
-    """Image tokens of one row, counted in its ids (padding excluded)."""
-    return int(((np.asarray(ids) == image_token_id) & (np.asarray(mask) > 0)).sum())
 
 
 def _label(tokenizer, tid: int) -> str:
@@ -335,4 +324,4 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
     return summary
 
 
-__all__ = ["AnalyzeError", "run_analysis", "check_pad_square", "map_image", "model_input_view", "FLOWS", "QUERIES"]
+__all__ = ["AnalyzeError", "run_analysis", "map_image", "model_input_view", "FLOWS", "QUERIES"]
