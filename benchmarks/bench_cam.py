@@ -1,24 +1,29 @@
-"""LLaVA-CAM cost: all 32 layers from one backward vs one plain forward vs a per-layer loop, one run.
+"""LLaVA-CAM cost: all L layers from one backward vs one plain forward vs a per-layer loop, one run.
 
-    python benchmarks/bench_cam.py [--answer_tokens 4 --text_tokens 64 --repeats 3 --loop_repeats 1 --threads 2
-                                    --no_extras]
+    python benchmarks/bench_cam.py [--family llava|internvl --tiles 1|3 --answer_tokens 4 --text_tokens 64
+                                    --repeats 3 --loop_repeats 1 --threads 2 --no_extras --no_loop]
 
-Model: the shared bench config (benchmarks/common.py): LLaVA-1.5 structure, 32 decoder layers of width
-256, 576 image tokens, vocab 32064, random weights (a torch model saved with save_pretrained and pushed
-through jaxflow's real converter). Input: one row of 576 image tokens + --text_tokens text tokens, the
-last --answer_tokens of which are the answer (teacher-forced target).
+Model: a shared bench config (benchmarks/common.py), random weights (a torch model saved with
+save_pretrained and pushed through jaxflow's real converter). --family llava (default): LLaVA-1.5
+structure, 32 decoder layers of width 256, 576 image tokens, vocab 32064. --family internvl: InternVL3
+structure, 28 Qwen2 layers of width 256, one image of --tiles 448 px tiles (256 tokens each), vocab
+151674 (the maps are stitched onto the tile grid: 1x1, or 1x2 + thumbnail). Input: one row of the image
+tokens + --text_tokens text tokens, the last --answer_tokens of which are the answer (teacher-forced
+target).
 
 Timed, all through public functions (host-side validation, host<->device copies included), each the
 median of --repeats runs (the loop: --loop_repeats, default 1) after a warm-up (compile) run, in rounds (forward, CAM, loop, ...) so that
 background load drifting during the run affects all alike:
 - forward:  `jaxflow.forward` (fused attention, all logits) — the unit;
 - cam:      `jaxflow.analysis.cam.llava_cam(..., "paper")` — every layer's map from one forward and
-            one backward (gradients w.r.t. zero deltas at all 32 MLP inputs at once);
+            one backward (gradients w.r.t. zero deltas at all L MLP inputs at once);
 - loop:     `cam_site(..., per_layer_loop=True)` — the reference code's way: for each layer its own
-            forward and backward (a delta at that layer only), 32 passes;
+            forward and backward (a delta at that layer only), L passes (skipped with --no_loop);
 - extras (unless --no_extras): per-answer-token CAM, SmoothGrad with 4 copies, attention shares,
   information-flow saliency.
-The single-backward gradients are checked against the loop's. Results: benchmarks/results/cam.json.
+(the closures: common.cam_cases). The single-backward gradients are checked against the loop's. Goals
+(common.GOALS), printed next to the figures: CAM <= 3.5x a forward; loop >= 8x the CAM. Results:
+benchmarks/results/cam.json (LLaVA) or cam-<config>.json.
 """
 from __future__ import annotations
 
@@ -53,46 +58,37 @@ def _one_loop_layer(model, ids, pix, mask, amask):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_config_args(ap)
     ap.add_argument("--text_tokens", type=int, default=64)
     ap.add_argument("--answer_tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loop_repeats", type=int, default=1, help="timed runs of the (slow) per-layer loop")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no_extras", action="store_true", help="skip per-token, SmoothGrad, attention, flow")
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "cam.json"))
+    ap.add_argument("--no_loop", action="store_true", help="skip the per-layer loop (and the gradient check)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/cam[-<config>].json")
     args = ap.parse_args()
+    cfg = common.config_from_args(args)
+    args.out = args.out or common.results_path("cam", cfg)
     threads = common.set_threads(args.threads)
 
     import numpy as np
 
-    import jaxflow
-    from jaxflow.analysis.attention import attention_shares
-    from jaxflow.analysis.cam import cam_site, llava_cam, llava_cam_per_token, llava_cams
-    from jaxflow.analysis.flow import information_flow
+    from jaxflow.analysis.cam import cam_site
 
+    print(f"bench config {cfg.name}: {cfg.describe()}", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-cam-") as work:
         print("building the bench model (torch, random weights) and converting it ...", flush=True)
-        model = common.build_jaxflow_model(common.build_torch_model("eager"), work)
+        model = common.build_jaxflow_model(common.build_torch_model("eager", config=cfg), work)
     build_s = time.perf_counter() - t0
-    ids, mask, pix = common.bench_inputs(batch=1, text_tokens=args.text_tokens)
-    amask = np.zeros(ids.shape, bool)
-    amask[:, -args.answer_tokens:] = True
+    ids, mask, pix = cfg.inputs(batch=1, text_tokens=args.text_tokens)
+    amask = common.answer_mask(ids, args.answer_tokens)
     n_layers = model.config.text.num_layers
 
-    cases = {
-        "forward": lambda: jaxflow.forward(model, ids, pix, mask).logits,
-        "cam": lambda: llava_cam(model, ids, pix, amask, "paper", attention_mask=mask),
-        "loop": lambda: cam_site(model, ids, pix, amask, attention_mask=mask, per_layer_loop=True),
-    }
-    if not args.no_extras:
-        cases.update({
-            "cam_per_token": lambda: llava_cam_per_token(model, ids, pix, amask, "paper", attention_mask=mask)[0],
-            "cam_smoothgrad4": lambda: llava_cams(model, ids, pix, amask, ("paper",), attention_mask=mask,
-                                                  smooth_n=4).maps["paper"],
-            "attention_shares": lambda: attention_shares(model, ids, pix, attention_mask=mask, answer_mask=amask),
-            "information_flow": lambda: information_flow(model, ids, pix, amask, attention_mask=mask).flows,
-        })
+    cases = common.cam_cases(model, ids, pix, mask, amask, extras=not args.no_extras)
+    if args.no_loop:
+        del cases["loop"]
     first = {}
     for name, fn in cases.items():  # warm-up = compilation
         print(f"compiling {name} ...", flush=True)
@@ -114,44 +110,51 @@ def main():
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
 
-    g1, _ = cam_site(model, ids, pix, amask, attention_mask=mask)  # single backward vs the timed loop's output
-    g2, _ = last["loop"]
-    rel = float(np.abs(g1 - g2).max() / np.abs(g2).max())
+    rel = None
+    if "loop" in last:
+        g1, _ = cam_site(model, ids, pix, amask, attention_mask=mask)  # single backward vs the timed loop's output
+        g2, _ = last["loop"]
+        rel = float(np.abs(g1 - g2).max() / np.abs(g2).max())
+    with_loop = "loop" in med
 
     res = {
-        "config": {"decoder_layers": n_layers, "hidden": model.config.text.hidden_size,
-                   "image_tokens": model.config.num_image_tokens, "text_tokens": args.text_tokens,
+        "config": {"bench_config": cfg.report(), "decoder_layers": n_layers, "hidden": model.config.text.hidden_size,
+                   "image_tokens": cfg.tokens_per_image, "text_tokens": args.text_tokens,
                    "sequence": int(ids.shape[1]), "answer_tokens": args.answer_tokens, "batch": 1,
                    "vocab": model.config.text.vocab_size},
         "threads": threads, "platform": platform.platform(), "build_convert_s": build_s,
         "median_s": med, "all_s": times, "first_call_s": first,
         "compile_s": {k: max(0.0, first[k] - (med[k] / n_layers if k == "loop" else med[k])) for k in med},
-        "ratios": {"cam_over_forward": med["cam"] / med["forward"], "loop_over_cam": med["loop"] / med["cam"],
-                   "loop_over_forward": med["loop"] / med["forward"]},
+        "ratios": {"cam_over_forward": med["cam"] / med["forward"]},
         # the same ratios within each round (robust to background load that drifts between rounds)
-        "ratios_per_round": {
-            "cam_over_forward": [c / f for c, f in zip(times["cam"], times["forward"])],
-            "loop_over_cam": [lp / c for lp, c in zip(times["loop"], times["cam"])]},
-        "goals": {"cam_over_forward_max": 3.5, "loop_over_cam_min": 8.0},
+        "ratios_per_round": {"cam_over_forward": [c / f for c, f in zip(times["cam"], times["forward"])]},
+        "goals": {"cam_over_forward_max": common.GOALS["cam_over_forward_max"], "loop_over_cam_min": 8.0},
         "single_backward_vs_loop_max_rel_err": rel,
     }
-    res["goals"]["met"] = bool(res["ratios"]["cam_over_forward"] <= 3.5 and res["ratios"]["loop_over_cam"] >= 8.0)
+    if with_loop:
+        res["ratios"].update(loop_over_cam=med["loop"] / med["cam"], loop_over_forward=med["loop"] / med["forward"])
+        res["ratios_per_round"]["loop_over_cam"] = [lp / c for lp, c in zip(times["loop"], times["cam"])]
+    res["goals"]["met"] = bool(res["ratios"]["cam_over_forward"] <= res["goals"]["cam_over_forward_max"]
+                               and (not with_loop or res["ratios"]["loop_over_cam"] >= 8.0))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=2)
     os.replace(tmp, args.out)
 
-    print(f"\nbench config: {n_layers} layers, hidden {model.config.text.hidden_size}, "
-          f"{model.config.num_image_tokens} image + {args.text_tokens} text tokens, batch 1, "
+    print(f"\nbench config {cfg.name}: {n_layers} layers, hidden {model.config.text.hidden_size}, vocab "
+          f"{cfg.vocab_size}, {cfg.tokens_per_image} image + {args.text_tokens} text tokens, batch 1, "
           f"{args.threads} threads; median of {args.repeats}")
     for k, v in med.items():
         print(f"  {k:18s} {v:8.3f} s   ({v / med['forward']:5.2f}x forward, compile {res['compile_s'][k]:.1f} s)")
     r, rr = res["ratios"], res["ratios_per_round"]
-    print(f"all-layer CAM = {r['cam_over_forward']:.2f}x a forward (goal <= 3.5; per round "
-          f"{', '.join(f'{x:.2f}' for x in rr['cam_over_forward'])}); per-layer loop = {r['loop_over_cam']:.1f}x "
-          f"the all-layer CAM (goal >= 8; same round {', '.join(f'{x:.1f}' for x in rr['loop_over_cam'])}); "
-          f"gradients single-backward vs loop: max rel err {rel:.1e}")
+    print(common.goal_line(f"all-layer CAM / forward ({med['cam']:.3f} s / {med['forward']:.3f} s)",
+                           r["cam_over_forward"], "cam_over_forward_max")
+          + f"; per round {', '.join(f'{x:.2f}' for x in rr['cam_over_forward'])}")
+    if with_loop:
+        print(f"per-layer loop = {r['loop_over_cam']:.1f}x the all-layer CAM (goal >= 8; same round "
+              f"{', '.join(f'{x:.1f}' for x in rr['loop_over_cam'])}); gradients single-backward vs loop: max rel "
+              f"err {rel:.1e}")
     print(f"wrote {args.out}")
 
 

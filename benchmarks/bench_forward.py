@@ -1,12 +1,17 @@
 """Forward throughput: jaxflow (jit, fp32, CPU; fused and reference attention) vs transformers torch
 (eager and sdpa attention), same weights, same inputs, one run.
 
-    python benchmarks/bench_forward.py [--batch 4 --text_tokens 64 --repeats 5 --threads 2]
+    python benchmarks/bench_forward.py [--family llava|internvl --tiles 1|3 --batch 4 --text_tokens 64
+                                        --repeats 5 --threads 2 --frameworks ... --no-breakdown]
 
-Model: the shared bench config (benchmarks/common.py): LLaVA-1.5 structure, 32 decoder layers of
-width 256, 576 image tokens per image, vocab 32064, random weights. Input: B rows of 576 + text_tokens
-tokens (default 4 x 640 = 2560 tokens) and B images of 336x336. Throughput = B*T / median seconds of a
-full forward (all logits). Each framework lives in its own fresh 'spawn' subprocess (so its peak RSS,
+Model: a shared bench config (benchmarks/common.py), random weights. --family llava (default):
+LLaVA-1.5 structure, 32 decoder layers of width 256, 576 image tokens per image, vocab 32064; input B
+rows of 576 + text_tokens tokens (default 4 x 640 = 2560 tokens) and B images of 336x336. --family
+internvl: InternVL3 structure (InternViT on 448 px tiles -> 256 tokens per tile, Qwen2 28 layers of
+width 256, vocab 151674); input B rows of 256 * tiles + text_tokens tokens (default 4 x 320) and one
+image of --tiles tiles per row (1, or 3 = 1x2 + thumbnail). Throughput = B*T / median seconds of a
+full forward (all logits). The goal (common.GOALS), printed next to the table: jaxflow-fused faster
+than torch-sdpa. Each framework lives in its own fresh 'spawn' subprocess (so its peak RSS,
 ru_maxrss of that child, is its own) that loads the model once; the timed runs are then taken in
 rounds, one run per framework per round with the order rotated, so background load that drifts during
 the run affects every framework alike. The weights come from one torch model that is saved with
@@ -28,7 +33,8 @@ workers, again in interleaved rounds, after the peak RSS has been read.
 torch runs with use_cache=False under torch.inference_mode() (jaxflow's forward builds no KV cache
 either). jaxflow is timed through the public `jaxflow.forward` (host-side input validation and the
 host->device copy of the inputs included); the compile time is its first call minus the steady-state
-median. Results go to benchmarks/results/forward.json (git-ignored).
+median. Results go to benchmarks/results/forward.json (LLaVA) or forward-<config>.json, e.g.
+forward-internvl-1tile.json (git-ignored).
 """
 from __future__ import annotations
 
@@ -52,10 +58,10 @@ from benchmarks import common  # noqa: E402  (imports neither jax nor torch)
 # --------------------------------------------------------------------------- children (fresh processes)
 
 
-def _build_and_save(workdir: str) -> dict:
+def _build_and_save(workdir: str, family: str, tiles: int) -> dict:
     """Child: build the torch bench model (fixed seed) and save_pretrained it."""
     t0 = time.perf_counter()
-    model = common.build_torch_model("eager")
+    model = common.build_torch_model("eager", config=common.bench_config(family, tiles))
     hf_dir = common.save_torch_model(model, os.path.join(workdir, "hf"))
     return {"hf_dir": hf_dir, "num_params": int(sum(p.numel() for p in model.parameters())),
             "build_save_s": time.perf_counter() - t0}
@@ -71,7 +77,7 @@ def _convert(hf_dir: str, workdir: str) -> dict:
 _S: dict = {}  # per-child state of a measurement worker (model, inputs, the run closure)
 
 
-def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path):
+def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path, family="llava", tiles=1):
     """Worker: load the torch model, make the inputs, run once (first call), save the logits."""
     import numpy as np
     import torch
@@ -81,7 +87,7 @@ def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path):
     torch.set_num_threads(threads)
     rss_import = common.current_rss_mb()
     model = common.load_torch_model(hf_dir, attn)
-    ids, mask, px = common.bench_inputs(batch, text_tokens)
+    ids, mask, px = common.bench_config(family, tiles).inputs(batch, text_tokens)
     ids, mask, px = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)
     rss_loaded = common.current_rss_mb()
 
@@ -98,7 +104,7 @@ def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path):
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
 
 
-def _setup_jaxflow(ckpt, impl, batch, text_tokens, logits_path):
+def _setup_jaxflow(ckpt, impl, batch, text_tokens, logits_path, family="llava", tiles=1):
     """Worker: jaxflow.load, make the inputs, first (compiling) call, save the logits."""
     import jax
     import numpy as np
@@ -107,7 +113,7 @@ def _setup_jaxflow(ckpt, impl, batch, text_tokens, logits_path):
 
     rss_import = common.current_rss_mb()
     model = jaxflow.load(ckpt)
-    ids, mask, px = common.bench_inputs(batch, text_tokens)
+    ids, mask, px = common.bench_config(family, tiles).inputs(batch, text_tokens)
     rss_loaded = common.current_rss_mb()
 
     def run():
@@ -244,8 +250,9 @@ def _diffs(paths: dict, ref: str) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_config_args(ap)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--text_tokens", type=int, default=64, help="tokens besides the 576 image tokens per row")
+    ap.add_argument("--text_tokens", type=int, default=64, help="tokens besides the image tokens per row")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per framework (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (the first, compiling call counts)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -256,8 +263,10 @@ def main(argv=None):
     ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the pieces (vision, decoder, lm_head) of jaxflow-fused and torch-sdpa")
     ap.add_argument("--workdir", default=None, help="where the HF and jaxflow checkpoints go (default: a tmp dir)")
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "forward.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/forward[-<config>].json")
     args = ap.parse_args(argv)
+    cfg = common.config_from_args(args)
+    args.out = args.out or common.results_path("forward", cfg)
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env = common.set_threads(args.threads)  # before anything imports jax or torch (children inherit)
@@ -266,12 +275,13 @@ def main(argv=None):
     workdir = args.workdir or tmp.name
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
-    tokens = args.batch * (common.NUM_IMAGE_TOKENS + args.text_tokens)
-    print(f"bench model: LLaVA-1.5 structure, 32 layers x 256 wide, vocab {common.VOCAB_SIZE}; input "
-          f"{args.batch} x {common.NUM_IMAGE_TOKENS + args.text_tokens} tokens + {args.batch} images 336px; "
-          f"threads {args.threads}; repeats {args.repeats}", flush=True)
+    seq = cfg.seq_len(args.text_tokens)
+    tokens = args.batch * seq
+    print(f"bench config {cfg.name}: {cfg.describe()}\ninput {args.batch} x {seq} tokens + {args.batch} image(s) "
+          f"({args.batch * cfg.tiles} x {cfg.image_size} px); threads {args.threads}; repeats {args.repeats}",
+          flush=True)
 
-    prep, _ = common.run_isolated(_build_and_save, workdir)
+    prep, _ = common.run_isolated(_build_and_save, workdir, cfg.family, cfg.tiles)
     conv, conv_rss = common.run_isolated(_convert, prep["hf_dir"], workdir)
     prep.update(conv, converter_peak_rss_mb=conv_rss, weights_mb=prep["num_params"] * 4 / 2**20)
     print(f"prepared: {prep['num_params'] / 1e6:.1f}M params ({prep['weights_mb']:.0f} MiB fp32), build+save "
@@ -289,9 +299,10 @@ def main(argv=None):
             w = workers[fw] = common.IsolatedWorker(common.TUNED_MALLOC_ENV if suffix else None)
             if kind == "torch":
                 res = w.call(_setup_torch, prep["hf_dir"], variant, args.batch, args.text_tokens, args.threads,
-                             path)
+                             path, cfg.family, cfg.tiles)
             elif kind == "jaxflow":
-                res = w.call(_setup_jaxflow, prep["ckpt"], variant, args.batch, args.text_tokens, path)
+                res = w.call(_setup_jaxflow, prep["ckpt"], variant, args.batch, args.text_tokens, path, cfg.family,
+                             cfg.tiles)
             else:
                 raise SystemExit(f"unknown framework {fw!r}")
             res["framework"] = fw
@@ -362,6 +373,15 @@ def main(argv=None):
           f"diffs vs {ref}; max |logit| there {diffs['reference_max_abs_logit']:.3f}; ratios are "
           "tokens/s of the row over torch-sdpa / torch-eager run with the same malloc setting; +malloc = "
           f"{' '.join(f'{k}={v}' for k, v in common.TUNED_MALLOC_ENV.items())})")
+    goal = common.GOALS["jaxflow_forward_over_torch_sdpa_speed_min"]
+    goals = {}
+    for fw in results:
+        base = "torch-sdpa" + ("+malloc" if fw.endswith("+malloc") else "")
+        if fw.startswith("jaxflow-fused") and ratio(fw, base) is not None:
+            goals[f"{fw} / {base}"] = r = ratio(fw, base)
+            print(f"goal: {fw} faster than {base} (tokens/s ratio > {goal:g}): {r:.2f}x "
+                  f"({results[fw]['median_s']:.3f} s vs {results[base]['median_s']:.3f} s per forward) -> "
+                  + ("met" if r > goal else f"MISSED: {100 * (1 / r - 1):.0f}% slower"))
     if breakdown:
         print("\nbreakdown (steady state, each piece jitted/run on its own): median wall s, min wall s, median cpu s")
         for fw, parts in breakdown.items():
@@ -370,10 +390,9 @@ def main(argv=None):
 
     report = {
         "benchmark": "forward", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "config": {"batch": args.batch, "seq_len": common.NUM_IMAGE_TOKENS + args.text_tokens,
-                   "tokens_per_forward": tokens, "text_tokens": args.text_tokens, "repeats": args.repeats,
-                   "warmup": args.warmup, "dtype": "float32", "num_params": prep["num_params"],
-                   "text": common.TEXT, "vision": common.VISION, "top": common.TOP},
+        "config": {"batch": args.batch, "seq_len": seq, "tokens_per_forward": tokens,
+                   "text_tokens": args.text_tokens, "repeats": args.repeats, "warmup": args.warmup,
+                   "dtype": "float32", "num_params": prep["num_params"], **cfg.report()},
         "environment": {**env, "python": platform.python_version(), "machine": platform.machine(),
                         "cpu_count": os.cpu_count()},
         "prepare": dict(prep),
@@ -381,6 +400,7 @@ def main(argv=None):
         "ratios": {f"{fw} / {base}{'+malloc' if fw.endswith('+malloc') else ''}": ratio(fw, base)
                    for fw in results if fw.startswith("jaxflow") for base in ("torch-sdpa", "torch-eager")
                    if ratio(fw, base) is not None},
+        "goals": {"jaxflow_fused_over_torch_sdpa_min": goal, "measured": goals},
         "tuned_malloc_env": common.TUNED_MALLOC_ENV,
         "loadavg_1min_before_after": loads, "logit_diffs": diffs, "breakdown_s": breakdown,
         "wall_s": time.perf_counter() - t_start,

@@ -133,8 +133,8 @@ class BenchConfig:
         t, v = self.text, self.vision
         if self.family == "llava":
             return (f"LLaVA-1.5 structure: Llama {t['num_hidden_layers']} layers x {t['hidden_size']} wide, vocab "
-                    f"{self.vocab_size}; CLIP {v['num_hidden_layers']} layers x {v['hidden_size']}, {self.image_size} px "
-                    f"-> {self.tokens_per_image} image tokens per image")
+                    f"{self.vocab_size}; CLIP {v['num_hidden_layers']} layers x {v['hidden_size']}, "
+                    f"{self.image_size} px -> {self.tokens_per_image} image tokens per image")
         layout = "1 tile" if self.tiles == 1 else f"{self.tiles} tiles (1x{self.tiles - 1} + thumbnail)"
         return (f"InternVL structure: Qwen2 {t['num_hidden_layers']} layers x {t['hidden_size']} wide "
                 f"({t['num_attention_heads']} heads of {t['hidden_size'] // t['num_attention_heads']}, "
@@ -234,8 +234,8 @@ def bench_hf_config(config: BenchConfig | str | None = None, **overrides):
     return _as_config(config).hf_config(**overrides)
 
 
-def build_torch_model(attn_implementation: str = "sdpa", seed: int = TORCH_SEED, config: BenchConfig | str | None = None,
-                      **config_overrides):
+def build_torch_model(attn_implementation: str = "sdpa", seed: int = TORCH_SEED,
+                      config: BenchConfig | str | None = None, **config_overrides):
     """The transformers model of the bench config (default LLaVA) with random weights (fixed torch
     seed), eval mode, fp32."""
     import torch
@@ -311,6 +311,95 @@ def bench_inputs(batch: int = 4, text_tokens: int = 64, seed: int = 0, config: B
     """The bench config's numpy inputs (default LLaVA): input_ids (B, N + text_tokens) int64,
     attention_mask all ones, pixel_values float32; see `BenchConfig.inputs`."""
     return _as_config(config).inputs(batch, text_tokens, seed)
+
+
+# --------------------------------------------------------------------------- what the benchmarks time
+
+
+def results_path(benchmark: str, config: BenchConfig) -> str:
+    """benchmarks/results/<benchmark>.json for LLaVA (the historical name), <benchmark>-<config>.json else."""
+    name = benchmark if config.name == "llava" else f"{benchmark}-{config.name}"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
+
+
+def sweep_cases(model, ids, pix, mask, new_tokens: int = 16) -> dict:
+    """bench_sweep's measurements on these inputs, as closures (public functions only, every output
+    brought to the host as numpy, so the sweep pays for its (L+1, B, T_after, vocab) logits as the
+    loop pays for L+1 gathers):
+      forward              `jaxflow.forward` logits -> numpy (the unit)
+      sweep                `jaxflow.truncation_sweep`, all L+1 cut layers
+      forward_loop         `jaxflow.forward(..., truncate_at=K)` for K = 0..L, logits after the image
+      generate             `jaxflow.generate`, new_tokens tokens
+      truncation_generate  `jaxflow.truncation_generate`, all L+1 variants
+      generate_loop        `jaxflow.generate(..., truncate_at=K)` for K = 0..L
+    Works with every jaxflow version that has these functions (bench_refactor runs it on old trees)."""
+    import jaxflow
+
+    L = model.config.text.num_layers
+    after = np.arange(int(np.flatnonzero(ids[0] == model.config.image_token_id)[-1]) + 1, ids.shape[1])
+
+    def gen(**kw):
+        return jaxflow.generate(model, ids, pix, mask, max_new_tokens=new_tokens, eos_token_id=-1, **kw).tokens
+
+    return {
+        "forward": lambda: np.asarray(jaxflow.forward(model, ids, pix, mask).logits),
+        "sweep": lambda: jaxflow.truncation_sweep(model, ids, pix, mask).logits,
+        "forward_loop": lambda: [np.asarray(jaxflow.forward(model, ids, pix, mask, truncate_at=k).logits[:, after])
+                                 for k in range(L + 1)],
+        "generate": gen,
+        "truncation_generate": lambda: jaxflow.truncation_generate(model, ids, pix, mask, max_new_tokens=new_tokens,
+                                                                   eos_token_id=-1).tokens,
+        "generate_loop": lambda: [gen(truncate_at=k) for k in range(L + 1)],
+    }
+
+
+def cam_cases(model, ids, pix, mask, answer_mask, extras: bool = True) -> dict:
+    """bench_cam's measurements on these inputs (batch 1 there), as closures (public functions only):
+      forward   `jaxflow.forward` (fused attention, all logits, on the device) -- the unit
+      cam       `llava_cam(..., "paper")`: every layer's map from one forward and one backward
+      loop      `cam_site(..., per_layer_loop=True)`: per layer its own forward and backward
+      extras    cam_per_token, cam_smoothgrad4, attention_shares, information_flow
+    Works with every jaxflow version that has these functions (bench_refactor runs it on old trees)."""
+    import jaxflow
+    from jaxflow.analysis.cam import cam_site, llava_cam
+
+    amask = answer_mask
+    cases = {
+        "forward": lambda: jaxflow.forward(model, ids, pix, mask).logits,
+        "cam": lambda: llava_cam(model, ids, pix, amask, "paper", attention_mask=mask),
+        "loop": lambda: cam_site(model, ids, pix, amask, attention_mask=mask, per_layer_loop=True),
+    }
+    if extras:
+        from jaxflow.analysis.attention import attention_shares
+        from jaxflow.analysis.cam import llava_cam_per_token, llava_cams
+        from jaxflow.analysis.flow import information_flow
+
+        cases.update({
+            "cam_per_token": lambda: llava_cam_per_token(model, ids, pix, amask, "paper", attention_mask=mask)[0],
+            "cam_smoothgrad4": lambda: llava_cams(model, ids, pix, amask, ("paper",), attention_mask=mask,
+                                                  smooth_n=4).maps["paper"],
+            "attention_shares": lambda: attention_shares(model, ids, pix, attention_mask=mask, answer_mask=amask),
+            "information_flow": lambda: information_flow(model, ids, pix, amask, attention_mask=mask).flows,
+        })
+    return cases
+
+
+def answer_mask(ids, answer_tokens: int):
+    """(B, T) bool: the last `answer_tokens` tokens of every row are the answer (teacher-forced target)."""
+    amask = np.zeros(ids.shape, bool)
+    amask[:, -answer_tokens:] = True
+    return amask
+
+
+def goal_line(what: str, value: float, goal_key: str) -> str:
+    """'<what> = 2.41x (goal <= 3; met)' or '... MISSED by 0.4x (13%)' for a ratio with a GOALS entry."""
+    goal = GOALS[goal_key]
+    if goal_key.endswith("_max"):
+        ok, sign = value <= goal, "<="
+    else:
+        ok, sign = value > goal, ">"
+    miss = "" if ok else f" by {abs(value - goal):.2f}x ({100 * abs(value / goal - 1):.0f}%)"
+    return f"{what} = {value:.2f}x (goal {sign} {goal:g}: {'met' if ok else 'MISSED' + miss})"
 
 
 # --------------------------------------------------------------------------- threads, timing, memory
