@@ -62,8 +62,27 @@ def scatter_image_features(x, input_ids, image_token_id: int, feats):
     return jnp.where(is_img[..., None], flat[idx], x)
 
 
-class DecoderRope:
-    """1-D positions counting real tokens and the decoder's RoPE tables (LLaVA, InternVL)."""
+class DecoderVLM:
+    """What LLaVA and InternVL share: image features scattered into a Llama-like decoder's embeddings
+    at the image-token positions, 1-D positions counting real tokens and the decoder's RoPE tables.
+    A subclass provides `config`, `language_model` and `image_features(pixel_values, impl)`."""
+
+    @property
+    def dtype(self):
+        return self.language_model.embed_tokens[...].dtype
+
+    def encode_images(self, pixel_values, impl: str = "fused"):
+        """pixel_values -> packed features (n_image_tokens, D), image (tile) after image."""
+        f = self.image_features(pixel_values, impl)
+        return f.reshape(-1, f.shape[-1])
+
+    def embed(self, input_ids, pixel_values, impl: str = "fused"):
+        """input_ids (B, T); pixel_values or None -> (B, T, D): the i-th image token of the batch
+        (row-major) gets the i-th packed feature row."""
+        x = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return x
+        return scatter_image_features(x, input_ids, self.config.image_token_id, self.encode_images(pixel_values, impl))
 
     def positions(self, input_ids, attention_mask):  # (B, T) -> (B, T) int32
         return position_ids(attention_mask)

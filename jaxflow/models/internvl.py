@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxflow.models.config import ConfigError, TextConfig, text_config_from_hf, text_config_to_hf
-from jaxflow.models.family import DecoderRope, scatter_image_features
+from jaxflow.models.family import DecoderVLM
 from jaxflow.models.image_layout import tiled_geometry
 from jaxflow.models.internvit import (InternVisionConfig, InternVisionModel, InternVLProjector,
                                       internvl_image_features, vision_config_from_hf)
@@ -102,7 +102,7 @@ def internvl_config_from_hf(d: dict[str, Any]) -> InternVLConfig:
                           tie_word_embeddings=tie)
 
 
-class InternVL(DecoderRope, nnx.Module):
+class InternVL(DecoderVLM, nnx.Module):
     """Parameters of an InternVL model; implements `jaxflow.models.family.VisionLanguageModel`."""
 
     family = "internvl"
@@ -116,10 +116,6 @@ class InternVL(DecoderRope, nnx.Module):
         self.language_model = LlamaModel(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, rngs=rngs,
                                          dtype=dtype)
 
-    @property
-    def dtype(self):
-        return self.language_model.embed_tokens[...].dtype
-
     def image_features(self, pixel_values, impl: str = "fused"):
         """pixel_values (tiles, C, S, S) -> (tiles, tokens_per_tile, D)."""
         cfg = self.config
@@ -127,19 +123,6 @@ class InternVL(DecoderRope, nnx.Module):
                                        vision_feature_layer=cfg.vision_feature_layer,
                                        select_strategy=cfg.vision_feature_select_strategy,
                                        downsample_ratio=cfg.downsample_ratio, impl=impl)
-
-    def encode_images(self, pixel_values, impl: str = "fused"):
-        """pixel_values (tiles, C, S, S) -> packed features (tiles * tokens_per_tile, D), tile after tile."""
-        f = self.image_features(pixel_values, impl)
-        return f.reshape(-1, f.shape[-1])
-
-    def embed(self, input_ids, pixel_values, impl: str = "fused"):
-        """input_ids (B, T); pixel_values (tiles, C, S, S) or None -> (B, T, D): the i-th context token
-        of the batch (row-major) gets the i-th packed feature row."""
-        x = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return x
-        return scatter_image_features(x, input_ids, self.config.image_token_id, self.encode_images(pixel_values, impl))
 
     # host side ------------------------------------------------------------------------------
 

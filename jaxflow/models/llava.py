@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxflow.models.clip import ClipVisionTower
 from jaxflow.models.config import LlavaConfig
-from jaxflow.models.family import DecoderRope, scatter_image_features
+from jaxflow.models.family import DecoderVLM, scatter_image_features
 from jaxflow.models.image_layout import square_geometry
 from jaxflow.models.layers import Linear, activation
 from jaxflow.models.llama import LlamaModel
@@ -25,7 +25,7 @@ class Projector(nnx.Module):
         return self.linear_2(activation(self.act_name)(self.linear_1(x)))
 
 
-class Llava(DecoderRope, nnx.Module):
+class Llava(DecoderVLM, nnx.Module):
     """Parameters of a LLaVA model. Build with random weights (`Llava(cfg, rngs=nnx.Rngs(0))`) or
     restore converted ones with `jaxflow.load`. The computation lives in `jaxflow.forward` & co.
     Implements `jaxflow.models.family.VisionLanguageModel`."""
@@ -39,10 +39,6 @@ class Llava(DecoderRope, nnx.Module):
         self.language_model = LlamaModel(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, rngs=rngs,
                                          dtype=dtype)
 
-    @property
-    def dtype(self):
-        return self.language_model.embed_tokens[...].dtype
-
     def image_features(self, pixel_values, impl: str = "fused"):
         """pixel_values (B, C, H, W) -> projected image features (B, N, D)."""
         cfg = self.config
@@ -52,21 +48,6 @@ class Llava(DecoderRope, nnx.Module):
         if cfg.vision_feature_select_strategy == "default":
             feats = [f[:, 1:] for f in feats]
         return self.multi_modal_projector(jnp.concatenate(feats, axis=-1))
-
-    def encode_images(self, pixel_values, impl: str = "fused"):
-        """pixel_values (B_img, C, H, W) -> packed features (B_img * N, D), image after image."""
-        f = self.image_features(pixel_values, impl)
-        return f.reshape(-1, f.shape[-1])
-
-    def embed(self, input_ids, pixel_values, impl: str = "fused"):
-        """Token embeddings with image features written, in order, at the image-token positions.
-
-        input_ids (B, T); pixel_values (B_img, C, H, W) or None -> (B, T, D). As transformers'
-        masked_scatter: the i-th image token of the batch (row-major) gets the i-th feature row.
-        """
-        if pixel_values is None:
-            return self.language_model.embed(input_ids)
-        return self.embed_with_features(input_ids, self.encode_images(pixel_values, impl))
 
     # host side ------------------------------------------------------------------------------
 
