@@ -156,8 +156,8 @@ def _setup_breakdown_jaxflow() -> list[str]:
 
     @jax.jit
     def layers(m, x, ids, mask):
-        pos = F.position_ids(mask)
-        cos, sin = F.rope_tables(m, pos, x.dtype)
+        pos = m.positions(ids, mask)
+        cos, sin = m.rope_tables(pos, x.dtype)
         t = ids.shape[1]
         allowed = F.causal_allowed(mask > 0, jnp.broadcast_to(jnp.arange(t), ids.shape), t)
         return m.language_model.run_layers(x, cos, sin, allowed, impl=impl).hidden

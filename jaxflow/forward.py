@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.models.family import VisionLanguageModel, position_ids  # noqa: F401 (re-exported)
+from jaxflow.models.family import VisionLanguageModel
 from jaxflow.models.layers import ATTN_IMPLS
 
 
@@ -31,11 +31,6 @@ def causal_allowed(key_valid, q_slots, num_keys: int):
     """key_valid (B, S) bool, q_slots (B, Q) int -> allowed (B, Q, S): key s is real and s <= slot."""
     s = jnp.arange(num_keys)
     return key_valid[:, None, :] & (s[None, None, :] <= q_slots[:, :, None])
-
-
-def rope_tables(model: VisionLanguageModel, positions, dtype):
-    """positions (B, T) -> cos, sin (B, T, hd), as the model's family computes them."""
-    return model.rope_tables(positions, dtype)
 
 
 # --------------------------------------------------------------------------- host-side validation

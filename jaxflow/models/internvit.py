@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxflow.models.clip import ClipMLP  # transformers builds InternViT's MLP from CLIPMLP too
 from jaxflow.models.config import ConfigError
 from jaxflow.models.layers import LayerNorm, Linear, RMSNorm, activation, attend, normal_init
 
@@ -173,23 +174,13 @@ class InternVisionAttention(nnx.Module):
         return self.projection_layer(o.reshape(b, t, -1))
 
 
-class InternVisionMLP(nnx.Module):
-    def __init__(self, cfg: InternVisionConfig, *, rngs: nnx.Rngs, dtype):
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs, dtype=dtype)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):  # (N, T, D) -> (N, T, D)
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class InternVisionLayer(nnx.Module):
     """Pre-norm block with layer scale: x + l1 * attn(n1(x)), then h + l2 * mlp(n2(h))."""
 
     def __init__(self, cfg: InternVisionConfig, *, rngs: nnx.Rngs, dtype):
         d = cfg.hidden_size
         self.attention = InternVisionAttention(cfg, rngs=rngs, dtype=dtype)
-        self.mlp = InternVisionMLP(cfg, rngs=rngs, dtype=dtype)
+        self.mlp = ClipMLP(cfg, rngs=rngs, dtype=dtype)
         self.layernorm_before = _norm(cfg, dtype)
         self.layernorm_after = _norm(cfg, dtype)
         self.lambda_1 = nnx.Param(jnp.full((d,), cfg.layer_scale_init_value, dtype))
