@@ -9,7 +9,7 @@ from jaxflow.analysis import (AttentionResult, CamResult, FlowResult, attention_
                               information_flow, llava_cam, llava_cam_per_token, llava_cams, saliency)
 from jaxflow.analysis.truncation import (SweepOutput, TruncationGenerateOutput, truncation_generate,
                                          truncation_sweep)
-from jaxflow.convert import convert_checkpoint, load, load_tokenizer, save_model
+from jaxflow.convert import convert_checkpoint, from_state_dict, load, load_tokenizer, save_model
 from jaxflow.forward import ForwardOutput, forward, image_features
 from jaxflow.generate import GenerateOutput, generate
 from jaxflow.models.config import LlavaConfig, load_config
@@ -20,7 +20,7 @@ from jaxflow.models.llava import Llava
 __version__ = "0.1.0"
 
 __all__ = [
-    "Llava", "LlavaConfig", "InternVL", "InternVLConfig", "VisionLanguageModel", "families", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint",
+    "Llava", "LlavaConfig", "InternVL", "InternVLConfig", "VisionLanguageModel", "families", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint", "from_state_dict",
     "forward", "ForwardOutput", "image_features", "generate", "GenerateOutput",
     "truncation_sweep", "SweepOutput", "truncation_generate", "TruncationGenerateOutput",
     "llava_cam", "llava_cams", "llava_cam_per_token", "cam_site", "CamResult", "attention_shares",

@@ -60,9 +60,14 @@ def test_sweep_equals_masked_reference_and_torch(pair, padding):
         assert _sweep_vs(sweep, vi, ref) <= 1e-5, (case, padding, K)
         want = torch_truncated_logits(hf, ids, mask, pix, int(K))
         assert _sweep_vs(sweep, vi, want) <= 1e-4, (case, padding, K)
-        # greedy next token = argmax at each row's last real token
+        # greedy next token = argmax at each row's last real token, and last_logits are that row
         last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
         np.testing.assert_array_equal(sweep.next_token[vi], ref[np.arange(3), last].argmax(-1))
+        np.testing.assert_allclose(sweep.last_logits[vi], ref[np.arange(3), last], atol=1e-5)
+    lean = jaxflow.truncation_sweep(jm, ids, pix, mask, all_logits=False)
+    assert lean.logits is None
+    np.testing.assert_allclose(lean.last_logits, sweep.last_logits, atol=1e-6)
+    np.testing.assert_array_equal(lean.next_token, sweep.next_token)
 
 
 def test_sweep_ends(pair):

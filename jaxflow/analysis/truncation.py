@@ -36,7 +36,9 @@ from flax import nnx
 
 @dataclasses.dataclass
 class SweepOutput:
-    logits: np.ndarray  # (V, B, T_after, vocab) float32, V = len(layers); slot j of row b is input position positions[b, j]
+    logits: np.ndarray | None  # (V, B, T_after, vocab) float32, V = len(layers); slot j of row b is input
+    # position positions[b, j]; None with all_logits=False
+    last_logits: np.ndarray  # (V, B, vocab) float32 at each row's last real token (what scoring reads)
     next_token: np.ndarray  # (V, B) greedy next token after each row's prompt, per variant
     layers: np.ndarray  # (V,) the cut layer K of each variant (L = untruncated)
     positions: np.ndarray  # (B, T_after) index into input_ids of each slot, -1 where the row has no token
@@ -291,20 +293,26 @@ def _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_star
     text_h = h[:, :, q - ta:]  # (V, B, Ta, D)
     logits = lm.logits(text_h.reshape(v_count * b, ta, -1)).reshape(v_count, b, ta, -1)
     n_text = text_valid.sum(-1)  # (B,)
-    last_logits = jnp.take_along_axis(logits, (n_text - 1)[None, :, None, None], axis=2)[:, :, 0]  # (V, B, vocab)
-    out = {"logits": logits, "next_token": jnp.argmax(last_logits, -1).astype(jnp.int32)}
+    last_h = jnp.take_along_axis(text_h, (n_text - 1)[None, :, None, None], axis=2)  # (V, B, 1, D)
+    # from the last hidden state, not from `logits`: when only these are returned XLA drops the rest
+    last_logits = lm.logits(last_h.reshape(v_count * b, 1, -1)).reshape(v_count, b, -1)  # (V, B, vocab)
+    out = {"logits": logits, "last_logits": last_logits, "next_token": jnp.argmax(last_logits, -1).astype(jnp.int32)}
     if for_generation:
         out.update(pre_k=pre_k, pre_v=pre_v, pre_valid=pre_valid, pre_img=pre_img, pre_kept=pre_kept,
                    own_k=own_k_layers, own_v=own_v_layers, own_seq=own_seq, own_valid=own_valid)
     return out
 
 
-@partial(jax.jit, static_argnames=("prefix_len", "system_len", "image_max", "chunks", "keep_top_k", "impl"))
+@partial(jax.jit, static_argnames=("prefix_len", "system_len", "image_max", "chunks", "keep_top_k", "impl",
+                                   "all_logits"))
 def _sweep_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *, prefix_len,
-               system_len, image_max, chunks, keep_top_k, impl):
-    return _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
-                       prefix_len=prefix_len, system_len=system_len, image_max=image_max, chunks=chunks,
-                       keep_top_k=keep_top_k, impl=impl, for_generation=False)
+               system_len, image_max, chunks, keep_top_k, impl, all_logits=True):
+    out = _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
+                      prefix_len=prefix_len, system_len=system_len, image_max=image_max, chunks=chunks,
+                      keep_top_k=keep_top_k, impl=impl, for_generation=False)
+    if not all_logits:
+        del out["logits"]
+    return out
 
 
 def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks, attn_impl, text_bucket=1):
@@ -327,7 +335,7 @@ def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k,
 
 def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers=None, *,
                      keep_top_k: int = 0, chunks: int = 4, attn_impl: str = "fused",
-                     text_bucket: int = 1) -> SweepOutput:
+                     text_bucket: int = 1, all_logits: bool = True) -> SweepOutput:
     """Logits for every cut layer K at once, at the positions after each row's image.
 
     input_ids/attention_mask (B, T), one image block per row; pixel_values as the family's processor
@@ -337,7 +345,10 @@ def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers
     text_bucket: round T_after up to a multiple of this (extra slots are masked): batches whose text
     after the image differs in length then share one compiled program.
     Returns SweepOutput with logits (V, B, T_after, vocab): slot j of row b is the token at
-    input position `positions[b, j]` (the j-th real token after the image).
+    input position `positions[b, j]` (the j-th real token after the image), and last_logits
+    (V, B, vocab) at each row's last token. all_logits=False returns only the latter (logits None):
+    at 7B x 8 rows x 24 tokens the full logits are 0.76 GB, and copying them to the host took longer
+    than the sweep itself on an H200.
     """
     ids, mask, ks, lay = _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks,
                                   attn_impl, text_bucket)
@@ -346,9 +357,10 @@ def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers
                      jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
                      jnp.asarray(lay.image_end), jnp.asarray(ks), prefix_len=lay.prefix_len,
                      system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, L, chunks),
-                     keep_top_k=int(keep_top_k), impl=attn_impl)
+                     keep_top_k=int(keep_top_k), impl=attn_impl, all_logits=bool(all_logits))
     positions = np.where(lay.text_valid, lay.text_idx, -1).astype(np.int32)
-    return SweepOutput(logits=np.asarray(out["logits"]), next_token=np.asarray(out["next_token"]), layers=ks,
+    return SweepOutput(logits=np.asarray(out["logits"]) if all_logits else None,
+                       last_logits=np.asarray(out["last_logits"]), next_token=np.asarray(out["next_token"]), layers=ks,
                        positions=positions, mask=lay.text_valid.copy())
 
 

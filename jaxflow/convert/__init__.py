@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxflow.convert.checkpoint import (DTYPES, CheckpointError, abstract_params, load, load_tokenizer,
                                         save_model, write_checkpoint)
-from jaxflow.convert.hf import ConversionError, canonical_key, iter_params
+from jaxflow.convert.hf import ConversionError, canonical_key, iter_params, iter_params_in_memory
 from jaxflow.models.config import ConfigError
 from jaxflow.models.family import config_from_hf_dict
 
@@ -57,6 +57,35 @@ def convert_checkpoint(hf_dir: str, out: str, dtype: str = "float32", *, overwri
             bar.close()
 
 
+def from_state_dict(config, state_dict, dtype: str = "float32"):
+    """A jaxflow model of any supported family from an in-memory transformers model, writing no files:
+    `from_state_dict(hf_model.config, hf_model.state_dict(), "bfloat16")`.
+
+    config: a transformers config object or its dict; state_dict: name -> torch tensor (or numpy /
+    jax array) in any key layout transformers uses. torch tensors cross through DLPack and stay on
+    their device (CUDA tensors become GPU arrays). As strict as `convert_checkpoint`: every parameter
+    found, every tensor used, every shape checked, before any weight is copied.
+    """
+    from flax import nnx
+
+    if dtype not in _NP_DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
+    cfg_dict = config if isinstance(config, dict) else config.to_dict()
+    try:
+        cfg = config_from_hf_dict(cfg_dict)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from e
+    graphdef, state, target = abstract_params(cfg, DTYPES[dtype])
+    params: dict = {}
+    for path, arr in iter_params_in_memory(state_dict, cfg, target, DTYPES[dtype]):
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = arr
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 def _chain_first(first, rest):
     yield first
     yield from rest
@@ -70,5 +99,5 @@ def _leaves(tree):
             yield v
 
 
-__all__ = ["convert_checkpoint", "load", "load_tokenizer", "save_model", "canonical_key", "ConversionError",
+__all__ = ["convert_checkpoint", "from_state_dict", "load", "load_tokenizer", "save_model", "canonical_key", "ConversionError",
            "CheckpointError"]

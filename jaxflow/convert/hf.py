@@ -162,22 +162,67 @@ def index_safetensors(hf_dir: str) -> dict[str, str]:
     return where
 
 
-class _Reader:
-    """Reads one tensor at a time. safetensors memory-maps the file; opening it per tensor releases
-    the mapping after each read, so pages already copied out do not stay resident."""
+class _FileStore:
+    """Tensors of a safetensors directory, by canonical key, read one at a time. safetensors
+    memory-maps the file; opening it per tensor releases the mapping after each read, so pages
+    already copied out do not stay resident."""
 
-    def get(self, path: str, key_lookup: dict[str, str], canon: str) -> np.ndarray:
+    def __init__(self, hf_dir: str):
         from safetensors import safe_open
 
-        raw = key_lookup[canon]
+        self.label = hf_dir
+        self.where = index_safetensors(hf_dir)
+        self.raw: dict[str, str] = {}
+        self.shapes: dict[str, tuple] = {}
+        for path in sorted(set(self.where.values())):
+            with safe_open(path, framework="np") as f:
+                for k in f.keys():
+                    self.raw[canonical_key(k)] = k
+                    try:
+                        self.shapes[canonical_key(k)] = tuple(f.get_slice(k).get_shape())
+                    except Exception as e:  # noqa: BLE001
+                        raise ConversionError(f"cannot read the header of {k!r} in {path}: {e}") from e
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, canon: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        raw, path = self.raw[canon], self.where[canon]
         try:
             with safe_open(path, framework="np") as f:
                 return f.get_tensor(raw)
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"cannot read tensor {raw!r} from {path}: {e} (truncated or corrupt file?)") from e
 
-    def close(self):
-        pass
+
+class _MemoryStore:
+    """Tensors of an in-memory state dict (torch tensors, numpy or jax arrays), by canonical key.
+    torch tensors cross to jax through DLPack, without a copy and on their own device."""
+
+    def __init__(self, tensors, label: str = "the state dict"):
+        self.label = label
+        self.tensors: dict[str, object] = {}
+        for k, t in tensors.items():
+            ck = canonical_key(k)
+            if ck in self.tensors:
+                raise ConversionError(f"tensor {k!r} appears twice (as {ck!r}) in {label}")
+            self.tensors[ck] = t
+        self.shapes = {k: tuple(t.shape) for k, t in self.tensors.items()}
+
+    def keys(self) -> set[str]:
+        return set(self.tensors)
+
+    def get(self, canon: str):
+        import jax
+
+        t = self.tensors[canon]
+        if isinstance(t, (np.ndarray, jax.Array)):
+            return t
+        if hasattr(t, "detach"):  # torch
+            t = t.detach().contiguous()
+        return jax.dlpack.from_dlpack(t)
 
 
 def convert_params(hf_dir: str, cfg, abstract: dict, dtype, progress=None) -> dict:
@@ -190,31 +235,57 @@ def convert_params(hf_dir: str, cfg, abstract: dict, dtype, progress=None) -> di
 
 
 def iter_params(hf_dir: str, cfg, abstract: dict, dtype, progress=None):
-    """Yields (path, array) for every parameter of `abstract` (a pure dict of ShapeDtypeStruct), one
-    at a time, so a writer can store and drop each before the next is read.
+    """Yields (path, numpy array) for every parameter of `abstract` (a pure dict of ShapeDtypeStruct),
+    one at a time, so a writer can store and drop each before the next is read.
 
     Raises ConversionError listing missing keys, unused keys or shape mismatches, all found from the
     file headers before any tensor data is read.
     """
-    from safetensors import safe_open
+    store = _FileStore(hf_dir)
+    for path, spec, src in _plan(store, cfg, abstract):
+        arr = np.empty(spec.shape, dtype)
+        for i, key in enumerate(src.keys):
+            t = src.transform(store.get(key))
+            if src.stacked:
+                arr[i] = t.astype(dtype, copy=False)
+            else:
+                arr[...] = t.astype(dtype, copy=False)
+        yield path, arr
+        del arr
+        if progress is not None:
+            progress(".".join(path))
 
+
+def iter_params_in_memory(tensors, cfg, abstract: dict, dtype, progress=None):
+    """As `iter_params`, from an in-memory state dict (name -> torch tensor / numpy / jax array, in any
+    key layout transformers uses); yields jax arrays on the tensors' own device."""
+    import jax.numpy as jnp
+
+    store = _MemoryStore(tensors)
+    for path, spec, src in _plan(store, cfg, abstract):
+        parts = [jnp.asarray(src.transform(store.get(key)), dtype) for key in src.keys]
+        arr = jnp.stack(parts) if src.stacked else parts[0]
+        del parts
+        yield path, arr
+        if progress is not None:
+            progress(".".join(path))
+
+
+def _plan(store, cfg, abstract: dict) -> list:
+    """[(path, spec, Source)] for every parameter of `abstract`, after checking that the store holds
+    exactly the tensors the model needs, each of the right shape (ConversionError otherwise)."""
     from jaxflow.models.family import family_of
 
     param_source = family_of(cfg).param_source
-    where = index_safetensors(hf_dir)
-    raw_names: dict[str, str] = {}
-    for path in sorted(set(where.values())):
-        with safe_open(path, framework="np") as f:
-            for k in f.keys():
-                raw_names[canonical_key(k)] = k
     plan = []
     needed: set[str] = set()
     for path, spec in _flatten(abstract):
         src = param_source(path, cfg)
         plan.append((path, spec, src))
         needed.update(src.keys)
-    missing = sorted(needed - where.keys())
-    unused = sorted(set(where) - needed)
+    have = store.keys()
+    missing = sorted(needed - have)
+    unused = sorted(have - needed)
     if cfg.tie_word_embeddings and "lm_head.weight" in unused:
         unused.remove("lm_head.weight")  # tied: transformers ignores a stored lm_head too
     problems = []
@@ -225,47 +296,22 @@ def iter_params(hf_dir: str, cfg, abstract: dict, dtype, progress=None):
         problems.append(f"{len(unused)} unused tensor(s): {', '.join(unused[:10])}"
                         + (" ..." if len(unused) > 10 else ""))
     if problems:
-        raise ConversionError(f"{hf_dir} does not match the {cfg.family} model its config.json describes: "
+        raise ConversionError(f"{store.label} does not match the {cfg.family} model its config.json describes: "
                               + "; ".join(problems))
-    # shape check from the headers alone, before reading any data
-    shapes = {}
-    for path in sorted(set(where.values())):
-        with safe_open(path, framework="np") as f:
-            for k in f.keys():
-                try:
-                    shapes[canonical_key(k)] = tuple(f.get_slice(k).get_shape())
-                except Exception as e:  # noqa: BLE001
-                    raise ConversionError(f"cannot read the header of {k!r} in {path}: {e}") from e
     bad = []
-    for path, spec, src in plan:
+    for path, spec, src in plan:  # shapes from the headers alone, before reading any data
         per = spec.shape[1:] if src.stacked else spec.shape
         for key in src.keys:
             try:
-                got = src.transform(np.empty(shapes[key], np.uint8)).shape
+                got = src.transform(np.empty(store.shapes[key], np.uint8)).shape
             except ValueError:
                 got = None
             if got is None or tuple(got) != tuple(per):
-                bad.append(f"{key}: file {shapes[key]} but the config implies {_untransform_shape(src, per)}")
+                bad.append(f"{key}: file {store.shapes[key]} but the config implies {_untransform_shape(src, per)}")
                 break
     if bad:
         raise ConversionError(f"{len(bad)} tensor(s) with the wrong shape: " + "; ".join(bad[:6]))
-
-    reader = _Reader()
-    try:
-        for path, spec, src in plan:
-            arr = np.empty(spec.shape, dtype)
-            for i, key in enumerate(src.keys):
-                t = src.transform(reader.get(where[key], raw_names, key))
-                if src.stacked:
-                    arr[i] = t.astype(dtype, copy=False)
-                else:
-                    arr[...] = t.astype(dtype, copy=False)
-            yield path, arr
-            del arr
-            if progress is not None:
-                progress(".".join(path))
-    finally:
-        reader.close()
+    return plan
 
 
 def _untransform_shape(src: Source, shape):

@@ -1,7 +1,10 @@
 """Building blocks shared by the vision tower and the decoder: parameters, norms, RoPE, attention.
 
-Attention has two paths that compute the same thing:
-- "fused": `jax.nn.dot_product_attention` (XLA, cuDNN on GPU): fast, returns no probabilities;
+Attention has three paths that compute the same thing:
+- "fused": `jax.nn.dot_product_attention`: cuDNN's fused kernel where it applies (a CUDA GPU, a
+  bf16/fp16 model, head_dim a multiple of 8 up to 128), else XLA's; returns no probabilities;
+- "xla": the same call, always XLA's implementation;
+- "cudnn": the same call, cuDNN or an error (to insist on the kernel);
 - "reference": explicit scores and float32 softmax, the path that can expose probabilities.
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ from flax import nnx
 
 from jaxflow.models.config import RopeConfig, TextConfig
 
-ATTN_IMPLS = ("fused", "reference")
+ATTN_IMPLS = ("fused", "xla", "cudnn", "reference")
 CAUSAL_BLOCK = 128  # query block of the causal attention in full-sequence passes
 _NEG = -1e30  # finite "minus infinity": fully masked rows give a uniform row, never NaN
 
@@ -149,6 +152,17 @@ def attend(q, k, v, allowed, *, impl: str, scale: float, causal_block: int | Non
     exact, and it skips the masked upper triangle of the scores.
     """
     nq = q.shape[1]
+    if impl == "cudnn" and not cudnn_applies(q):
+        raise ValueError(f"attn_impl='cudnn' needs a CUDA GPU, a bfloat16/float16 model and head_dim a multiple "
+                         f"of 8 up to 128 (got {jax.default_backend()}, {q.dtype}, {q.shape[-1]}); use attn_impl='fused'")
+    if impl == "cudnn" or (impl == "fused" and cudnn_applies(q)):
+        # one kernel over the whole sequence (no query blocks); the mask enters as an additive bias
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            if impl == "cudnn":
+                raise
+            # this jax/cuDNN refuses the call: XLA's path below
     if causal_block and nq > causal_block:
         if impl == "reference":  # heads-first once, then every block is a plain batched matmul
             return _reference_blocked(q, k, v, allowed, scale, causal_block)
@@ -158,12 +172,18 @@ def attend(q, k, v, allowed, *, impl: str, scale: float, causal_block: int | Non
             outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], allowed[:, start:end, :end], impl=impl,
                                scale=scale))
         return jnp.concatenate(outs, axis=1)
-    if impl == "fused":
-        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
+    if impl in ("fused", "xla"):
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale, implementation="xla")
     if impl != "reference":
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     probs = attention_probs(q, k, allowed, scale).astype(v.dtype)
     return jnp.einsum("bhqs,bshd->bqhd", probs, repeat_kv(v, q.shape[2] // v.shape[2]))
+
+
+def cudnn_applies(q) -> bool:
+    """Whether cuDNN's fused attention can take q (B, Q, H, hd): a CUDA GPU, bf16/fp16, hd % 8 == 0, hd <= 128."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
 def _reference_blocked(q, k, v, allowed, scale, block):
