@@ -92,7 +92,7 @@ def _write_demo(out, final, bundle, image, question, template, text, ids, batch,
         "grid": list(image_grid(bundle, batch, enc, 0)),
         "out": final,
     }
-    if enc.layouts:  # a tiled image: its tile grid and whether a thumbnail follows
+    if enc.layouts and bundle.family == "internvl":  # a tiled image: its tile grid and whether a thumbnail follows
         lay = enc.layouts[0]
         result["tiles"] = {"rows": lay.rows, "cols": lay.cols, "thumbnail": bool(lay.has_thumbnail)}
     if analyses:

@@ -81,19 +81,19 @@ def _check_impl(attn_impl):
 # --------------------------------------------------------------------------- pure jitted core
 
 
-def forward_core(model: VisionLanguageModel, input_ids, pixel_values, attention_mask, *, impl="fused",
+def forward_core(model: VisionLanguageModel, input_ids, images, attention_mask, *, impl="fused",
                  truncate_at=None, keep_image_mask=None, mlp_in_delta=None, attn_rows=None, attn_row_delta=None,
                  capture=(), input_embeds=None):
-    """Pure forward, any family. input_ids/attention_mask (B, T) int32; pixel_values as the family's
-    processor returns them, or None.
+    """Pure forward, any family. input_ids/attention_mask (B, T) int32; images: the model's
+    `image_inputs` (the processor's pixel_values and what the family derives from them), or None.
 
     `input_embeds` (B, T, D), when given, replaces the embedding step (used to differentiate with
     respect to the embedded sequence). `keep_image_mask` (B, T) bool marks image tokens that
     truncation keeps (FastV-style partial truncation). Returns ForwardOutput.
     """
     lm = model.language_model
-    x = model.embed(input_ids, pixel_values, impl) if input_embeds is None else input_embeds
-    positions = model.positions(input_ids, attention_mask)
+    x = model.embed(input_ids, images, impl) if input_embeds is None else input_embeds
+    positions = model.positions(input_ids, attention_mask, images)
     cos, sin = model.rope_tables(positions, x.dtype)
     t = input_ids.shape[1]
     allowed = causal_allowed(attention_mask > 0, jnp.broadcast_to(jnp.arange(t), input_ids.shape), t)
@@ -108,13 +108,14 @@ def forward_core(model: VisionLanguageModel, input_ids, pixel_values, attention_
 
 
 @partial(jax.jit, static_argnames=("impl", "capture"))
-def _forward_jit(model, input_ids, pixel_values, attention_mask, truncate_at, keep_image_mask, impl, capture):
-    return forward_core(model, input_ids, pixel_values, attention_mask, impl=impl, truncate_at=truncate_at,
+def _forward_jit(model, input_ids, images, attention_mask, truncate_at, keep_image_mask, impl, capture):
+    return forward_core(model, input_ids, images, attention_mask, impl=impl, truncate_at=truncate_at,
                         keep_image_mask=keep_image_mask, capture=capture)
 
 
 def forward(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=None, *, attn_impl: str = "fused",
-            truncate_at: int | None = None, keep_image_mask=None, capture: tuple[str, ...] = ()) -> ForwardOutput:
+            truncate_at: int | None = None, keep_image_mask=None, capture: tuple[str, ...] = (),
+            **image_kw) -> ForwardOutput:
     """Logits of a model of any family, jit-compiled.
 
     input_ids (B, T) with the image token id at every image-feature position (576 per image for
@@ -124,14 +125,15 @@ def forward(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=
     truncate_at=K masks every image-token key in layers >= K (the reference truncation path);
     keep_image_mask (B, T) bool exempts those image tokens (FastV-style partial truncation).
     capture: per-layer intermediates to return ("residual", "mlp_in", "kv").
+    image_kw: the family's image arguments (Qwen2-VL: image_grid_thw).
     Returns ForwardOutput with logits (B, T, V) float32.
     """
     _check_impl(attn_impl)
-    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at)
-    pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at, **image_kw)
+    images = model.image_inputs(ids, mask, pixel_values, **image_kw)
     k = None if truncate_at is None else jnp.int32(truncate_at)
     keep = _keep_mask(keep_image_mask, ids.shape)
-    return _forward_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), k, keep, attn_impl, tuple(capture))
+    return _forward_jit(model, jnp.asarray(ids), images, jnp.asarray(mask), k, keep, attn_impl, tuple(capture))
 
 
 def _keep_mask(keep_image_mask, shape):
@@ -144,12 +146,13 @@ def _keep_mask(keep_image_mask, shape):
 
 
 @partial(jax.jit, static_argnames=("impl",))
-def _image_features_jit(model, pixel_values, impl):
-    return model.image_features(pixel_values, impl)
+def _image_features_jit(model, images, impl):
+    return model.image_features(images, impl)
 
 
-def image_features(model: VisionLanguageModel, pixel_values, *, attn_impl: str = "fused"):
+def image_features(model: VisionLanguageModel, pixel_values, *, attn_impl: str = "fused", **image_kw):
     """Projected image features float32 — what the model scatters at the image tokens: LLaVA
-    (B, N, D); InternVL (tiles, tokens per tile, D)."""
+    (B, N, D); InternVL (tiles, tokens per tile, D); Qwen2-VL (tokens of all images, D)."""
     _check_impl(attn_impl)
-    return _image_features_jit(model, jnp.asarray(pixel_values, jnp.float32), attn_impl).astype(jnp.float32)
+    images = model.image_inputs(None, None, pixel_values, **image_kw)
+    return _image_features_jit(model, images, attn_impl).astype(jnp.float32)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxflow.forward import _check_impl, _keep_mask, causal_allowed, validate_inputs
-from jaxflow.models.family import VisionLanguageModel
+from jaxflow.models.family import VisionLanguageModel, next_positions
 
 
 @dataclasses.dataclass
@@ -51,7 +51,8 @@ def stop_tokens(cfg, eos_token_id=None, pad_token_id=None) -> tuple[np.ndarray, 
 
 def decode_step(model: VisionLanguageModel, cache, tokens, positions, key_valid, write_index, *, impl, image_keys=None,
                 truncate_at=None):
-    """One cached step: tokens (B, 1) at positions (B, 1), keys valid (B, S) -> logits (B, V), cache."""
+    """One cached step: tokens (B, 1) at positions (B, 1) (a generated token's position is the same on
+    every rotary axis), keys valid (B, S) -> logits (B, V), cache."""
     lm = model.language_model
     x = lm.embed(tokens)
     cos, sin = model.rope_tables(positions, x.dtype)
@@ -63,13 +64,13 @@ def decode_step(model: VisionLanguageModel, cache, tokens, positions, key_valid,
 
 
 @partial(jax.jit, static_argnames=("max_new_tokens", "impl"))
-def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_id, truncate_at, keep_image_mask, *,
+def _generate_jit(model, input_ids, images, attention_mask, eos_ids, pad_id, truncate_at, keep_image_mask, *,
                   max_new_tokens, impl):
     lm = model.language_model
     b, t = input_ids.shape
     total = t + max_new_tokens
-    x = model.embed(input_ids, pixel_values, impl)
-    positions = model.positions(input_ids, attention_mask)
+    x = model.embed(input_ids, images, impl)
+    positions = model.positions(input_ids, attention_mask, images)
     cos, sin = model.rope_tables(positions, x.dtype)
     key_valid = jnp.concatenate([attention_mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=1)
     allowed = causal_allowed(key_valid, jnp.broadcast_to(jnp.arange(t), (b, t)), total)
@@ -81,7 +82,7 @@ def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_i
     out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
                         cache=cache, write_index=0)
     first = jnp.argmax(lm.logits(out.hidden[:, -1:])[:, -1], axis=-1).astype(jnp.int32)
-    next_pos = attention_mask.sum(-1).astype(jnp.int32)  # (B,) position of the first new token
+    next_pos = next_positions(positions, attention_mask)  # (B,) position of the first new token
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
 
@@ -104,18 +105,20 @@ def _generate_jit(model, input_ids, pixel_values, attention_mask, eos_ids, pad_i
 
 def generate(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
              eos_token_id=None, pad_token_id: int | None = None, attn_impl: str = "fused",
-             truncate_at: int | None = None, keep_image_mask=None) -> GenerateOutput:
+             truncate_at: int | None = None, keep_image_mask=None, **image_kw) -> GenerateOutput:
     """Greedy decoding, batched, with a KV cache; a row stops at EOS, all stop at max_new_tokens.
 
     input_ids/attention_mask (B, T) (right padding is moved to the left first); pixel_values
     (B_img, 3, H, W). eos_token_id: int or list (default: the config's). truncate_at=K decodes with
-    image keys masked in layers >= K, except those in keep_image_mask (B, T) bool. Returns GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
+    image keys masked in layers >= K, except those in keep_image_mask (B, T) bool. image_kw: the
+    family's image arguments (Qwen2-VL: image_grid_thw). Returns GenerateOutput(tokens (B, max_new_tokens),
+    lengths (B,)).
     """
     _check_impl(attn_impl)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     cfg = model.config
-    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at, **image_kw)
     if keep_image_mask is not None:
         _keep_mask(keep_image_mask, ids.shape)  # validates
         ids, mask, keep = left_align(ids, mask, np.asarray(keep_image_mask))
@@ -124,9 +127,9 @@ def generate(model: VisionLanguageModel, input_ids, pixel_values, attention_mask
         ids, mask = left_align(ids, mask)
         keep = None
     eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
-    pv = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    images = model.image_inputs(ids, mask, pixel_values, **image_kw)
     k = None if truncate_at is None else jnp.int32(truncate_at)
-    tokens = np.asarray(_generate_jit(model, jnp.asarray(ids), pv, jnp.asarray(mask), jnp.asarray(eos),
+    tokens = np.asarray(_generate_jit(model, jnp.asarray(ids), images, jnp.asarray(mask), jnp.asarray(eos),
                                       jnp.int32(pad), k, keep, max_new_tokens=int(max_new_tokens), impl=attn_impl))
     is_eos = np.isin(tokens, eos)
     lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, max_new_tokens).astype(np.int32)

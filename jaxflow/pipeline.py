@@ -17,7 +17,7 @@ IMAGE_TOKEN = "<image>"  # the placeholder of LLaVA prompts (format_prompt's def
 @dataclasses.dataclass
 class Bundle:
     """A model with what it needs to read images and text. image_spec: the family's image settings
-    (LLaVA: an ImageSpec; InternVL: an InternVLImageConfig)."""
+    (LLaVA: an ImageSpec; InternVL: an InternVLImageConfig; Qwen2-VL: a Qwen2VLImageConfig)."""
     model: VisionLanguageModel
     tokenizer: object
     image_spec: object
@@ -42,16 +42,26 @@ class Bundle:
 @dataclasses.dataclass
 class EncodedImages:
     """Images as the family's processor gives them, plus what the analyses need to place maps."""
-    pixel_values: np.ndarray  # the family's layout (LLaVA (n, 3, H, W); InternVL (tiles, 3, S, S)) float32
-    counts: np.ndarray  # (n,) int: entries of pixel_values per image (InternVL: tiles incl. thumbnail)
+    pixel_values: np.ndarray  # the family's layout (LLaVA (n, 3, H, W); InternVL (tiles, 3, S, S); Qwen2-VL
+    # (patches, C*t*p*p)) float32
+    counts: np.ndarray  # (n,) int: entries of pixel_values per image (InternVL: tiles incl. thumbnail; Qwen: patches)
     tokens: np.ndarray  # (n,) int: image tokens per image in the prompt
-    image_kw: dict  # the family's extra image arguments of the analyses (InternVL: tile_grids)
-    layouts: list | None = None  # per image, how the model input covers the original (InternVL tiles)
+    image_kw: dict  # the family's extra image arguments, one entry per image (InternVL: tile_grids; Qwen2-VL:
+    # image_grid_thw)
+    layouts: list | None = None  # per image, how the model input covers the original (InternVL tiles, Qwen grids)
 
     def rows(self, idx) -> np.ndarray:
         """pixel_values of the images `idx` (a list of image indices), in that order."""
         starts = np.concatenate([[0], np.cumsum(self.counts)])
         return np.concatenate([self.pixel_values[starts[i]:starts[i + 1]] for i in idx])
+
+    def kw_rows(self, idx) -> dict:
+        """image_kw of the images `idx`, in that order (goes with `rows(idx)`)."""
+        out = {}
+        for k, v in self.image_kw.items():
+            picked = [v[i] for i in idx]
+            out[k] = np.asarray(picked) if isinstance(v, np.ndarray) else picked
+        return out
 
 
 DEFAULT_MODEL_NAME = "toy-llava"  # what checkpoint=None loads: the trained toy model in jaxflow/assets/toy_llava
@@ -81,7 +91,7 @@ def checkpoint_name(checkpoint: str | None) -> str:
 def default_template(checkpoint: str | None) -> str:
     """The prompt template a checkpoint expects: the "template" of its toy.json if it has one (models
     trained by jaxflow.toy, the embedded default too: "llava_hf"), "internvl" for an InternVL
-    checkpoint, else LLaVA-1.5's "vicuna_v1"."""
+    checkpoint, "qwen2_vl" for a Qwen2-VL / Qwen2.5-VL one, else LLaVA-1.5's "vicuna_v1"."""
     root = default_checkpoint() if checkpoint is None else checkpoint
     meta = os.path.join(root, "toy.json")
     if os.path.isfile(meta):
@@ -92,8 +102,11 @@ def default_template(checkpoint: str | None) -> str:
             pass
     try:
         with open(os.path.join(root, "config.json")) as f:
-            if json.load(f).get("model_type") == "internvl":
-                return "internvl"
+            model_type = json.load(f).get("model_type")
+        if model_type == "internvl":
+            return "internvl"
+        if model_type in ("qwen2_vl", "qwen2_5_vl"):
+            return "qwen2_vl"
     except (OSError, ValueError):
         pass
     return "vicuna_v1"
@@ -115,6 +128,9 @@ def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> B
     model = load(checkpoint, dtype=dtype)
     if model.family == "internvl":
         return Bundle(model, load_tokenizer(checkpoint), _internvl_image_config(checkpoint, model), name=name,
+                      template=template)
+    if model.family in ("qwen2_vl", "qwen2_5_vl"):
+        return Bundle(model, load_tokenizer(checkpoint), _qwen2_vl_image_config(checkpoint, model), name=name,
                       template=template)
     has_spec = any(os.path.exists(os.path.join(checkpoint, f))
                    for f in ("preprocessor_config.json", "processor_config.json"))
@@ -143,6 +159,20 @@ def _internvl_image_config(checkpoint: str, model):
     return spec
 
 
+def _qwen2_vl_image_config(checkpoint: str, model):
+    from jaxflow.data.qwen2_vl_image import qwen2_vl_image_config
+
+    has = any(os.path.isfile(os.path.join(checkpoint, f)) for f in ("preprocessor_config.json", "processor_config.json"))
+    spec = qwen2_vl_image_config(checkpoint if has else None)
+    v = model.config.vision
+    got = (spec.patch_size, spec.temporal_patch_size, spec.merge_size)
+    want = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+    if got != want:
+        raise ValueError(f"{checkpoint}: the image processor makes patches (patch, temporal, merge) {got} but the "
+                         f"vision tower expects {want}")
+    return spec
+
+
 def check_pad_square(bundle: Bundle, pad_square: bool, error=ValueError) -> None:
     """pad_square is LLaVA's evaluation option: one clear line on any other family."""
     if pad_square and bundle.family != "llava":
@@ -167,6 +197,12 @@ def encode_images(bundle: Bundle, images, *, pad_square: bool = False) -> Encode
         counts = np.asarray(px.num_patches, np.int64)
         return EncodedImages(px.pixel_values, counts, counts * bundle.config.tokens_per_tile,
                              {"tile_grids": [lay.grid for lay in px.layouts]}, list(px.layouts))
+    if bundle.family in ("qwen2_vl", "qwen2_5_vl"):
+        from jaxflow.data.qwen2_vl_image import preprocess_qwen2_vl
+
+        px = preprocess_qwen2_vl(pil, bundle.image_spec)
+        return EncodedImages(px.pixel_values, np.asarray(px.num_patches, np.int64), np.asarray(px.num_tokens, np.int64),
+                             {"image_grid_thw": np.asarray(px.image_grid_thw, np.int64)}, list(px.layouts))
     pixels = preprocess_images(pil, bundle.image_spec, pad_square=pad_square)
     return EncodedImages(pixels, np.ones(n, np.int64), np.full(n, bundle.config.num_image_tokens, np.int64), {})
 
@@ -210,9 +246,9 @@ def answer(bundle: Bundle, images, questions: list[str], *, max_new_tokens: int 
     """Greedy answers, one per (image, question)."""
     from jaxflow.generate import generate
 
-    batch, pixels = encode(bundle, images, questions, pad_square=pad_square)
-    gen = generate(bundle.model, batch.input_ids, pixels, batch.attention_mask, max_new_tokens=max_new_tokens,
-                   truncate_at=truncate_at)
+    batch, enc = encode(bundle, images, questions, pad_square=pad_square, with_images=True)
+    gen = generate(bundle.model, batch.input_ids, enc.pixel_values, batch.attention_mask,
+                   max_new_tokens=max_new_tokens, truncate_at=truncate_at, **enc.image_kw)
     eos = set(bundle.config.text.eos_token_id)
     ids = [[int(t) for t in row[:n] if int(t) not in eos] for row, n in zip(gen.tokens, gen.lengths)]
     return Answers(decode_answers(bundle.tokenizer, gen.tokens, gen.lengths, tuple(eos)), ids)

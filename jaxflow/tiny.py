@@ -124,3 +124,69 @@ def save_tiny_internvl_checkpoint(path: str, seed: int = 0, *, overwrite: bool =
                        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
                        "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3}, f)
         return save_model(model, path, overwrite=overwrite, sidecar_dir=tmp)
+
+
+# --------------------------------------------------------------------------- a tiny random Qwen2-VL / Qwen2.5-VL
+
+TINY_QWEN2_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # TINY_VOCAB_SIZE + i
+# one user turn: the image (its start, pad and end tokens) before the text, as Qwen2-VL's template renders it
+TINY_QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+# the image processor: patch 14, merge 2 (28 px per token), 4 to 36 tokens per image
+TINY_QWEN2_VL_PIXELS = (4 * 28 * 28, 36 * 28 * 28)
+
+
+def tiny_qwen2_vl_config(version: str = "qwen2_vl"):
+    """A Qwen2-VL (or, version "qwen2_5_vl", Qwen2.5-VL with 2 x 2-token windows and one full block)
+    vision tower -> patch merger -> Qwen2 decoder with M-RoPE, toy sizes."""
+    from jaxflow.models.qwen2_vit import Qwen2VisionConfig
+    from jaxflow.models.qwen2_vl import Qwen2VLConfig
+
+    text = tiny_config().text
+    base = TINY_VOCAB_SIZE
+    if version == "qwen2_vl":
+        vision = Qwen2VisionConfig(version="qwen2_vl", depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                                   hidden_act="quick_gelu", out_hidden_size=text.hidden_size)
+    elif version == "qwen2_5_vl":
+        vision = Qwen2VisionConfig(version="qwen2_5_vl", depth=3, hidden_size=32, num_heads=2, intermediate_size=48,
+                                   hidden_act="silu", out_hidden_size=text.hidden_size, window_size=56,
+                                   fullatt_block_indexes=(1,))
+    else:
+        raise ValueError(f"version must be qwen2_vl or qwen2_5_vl, got {version!r}")
+    return Qwen2VLConfig(
+        vision=vision,
+        text=TextConfig(**{**text.__dict__, "vocab_size": base + len(TINY_QWEN2_VL_TOKENS), "attention_bias": True,
+                           "o_proj_bias": False}),
+        mrope_section=(2, 3, 3), image_token_id=base + 2, video_token_id=base + 3, vision_start_token_id=base,
+        vision_end_token_id=base + 1, tie_word_embeddings=False, family=version)
+
+
+def tiny_qwen2_vl_tokenizer():
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(TINY_QWEN2_VL_TOKENS)})
+    tok.chat_template = TINY_QWEN2_VL_CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_qwen2_vl_checkpoint(path: str, version: str = "qwen2_vl", seed: int = 0, *,
+                                  overwrite: bool = False) -> str:
+    """A tiny random Qwen2-VL / Qwen2.5-VL with its tokenizer and image processor (any image size,
+    4..36 tokens) as a jaxflow checkpoint, for checking every pipeline on that family."""
+    import json
+    import tempfile
+
+    from jaxflow.convert.checkpoint import save_model
+    from jaxflow.models.qwen2_vl import Qwen2VL
+
+    model = Qwen2VL(tiny_qwen2_vl_config(version), rngs=nnx.Rngs(seed))
+    lo, hi = TINY_QWEN2_VL_PIXELS
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_qwen2_vl_tokenizer().save_pretrained(tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": lo, "max_pixels": hi,
+                       "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                       "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                       "image_std": [0.26862954, 0.26130258, 0.27577711]}, f)
+        return save_model(model, path, overwrite=overwrite, sidecar_dir=tmp)

@@ -44,3 +44,12 @@ def tiny_internvl_checkpoint(tmp_path_factory):
     from jaxflow.tiny import save_tiny_internvl_checkpoint
 
     return save_tiny_internvl_checkpoint(str(tmp_path_factory.mktemp("ckpt-internvl") / "tiny-internvl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_checkpoints(tmp_path_factory):
+    """Tiny random Qwen2-VL and Qwen2.5-VL (jaxflow.tiny) as checkpoint directories: version -> path."""
+    from jaxflow.tiny import save_tiny_qwen2_vl_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt-qwen2-vl")
+    return {v: save_tiny_qwen2_vl_checkpoint(str(root / v), v) for v in ("qwen2_vl", "qwen2_5_vl")}

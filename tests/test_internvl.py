@@ -203,10 +203,11 @@ def test_converter_is_strict_and_names_the_supported_families(tmp_path):
 
     def other_family(d):
         cfg = json.load(open(d / "config.json"))
-        cfg["model_type"] = "qwen2_vl"
+        cfg["model_type"] = "paligemma"
         json.dump(cfg, open(d / "config.json", "w"))
 
-    _convert_fails(hf_dir, tmp_path / "b", other_family, "model_type='qwen2_vl'", "llava", "internvl")
+    _convert_fails(hf_dir, tmp_path / "b", other_family, "model_type='paligemma'", "llava", "internvl", "qwen2_vl",
+                   "qwen2_5_vl")
 
 
 def test_fastv_keep_sets_on_rows_with_different_image_lengths(pair):

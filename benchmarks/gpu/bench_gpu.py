@@ -380,9 +380,9 @@ def main(argv=None):
             for chunks in (4, 8):
                 if left() <= 0:
                     break
-                i2, m2, ks, lay = tr._prepare(jm, ids, px, mask, None, 0, chunks, best)
+                i2, m2, ks, lay, images = tr._prepare(jm, ids, px, mask, None, 0, chunks, best)
                 call = lambda: tr._sweep_jit(  # noqa: E731
-                    jm, jnp.asarray(i2), jnp.asarray(px, jnp.float32), jnp.asarray(m2), jnp.asarray(lay.text_idx),
+                    jm, jnp.asarray(i2), images, jnp.asarray(m2), jnp.asarray(lay.text_idx),
                     jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start), jnp.asarray(lay.image_end),
                     jnp.asarray(ks), prefix_len=lay.prefix_len, system_len=lay.system_len, image_max=lay.image_max,
                     chunks=tr._chunks(ks, L, chunks), keep_top_k=0, impl=best)

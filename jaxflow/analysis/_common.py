@@ -26,6 +26,7 @@ class Prepared:
     input_ids: np.ndarray  # (B, T) int32
     attention_mask: np.ndarray  # (B, T) int32
     pixel_values: np.ndarray  # as the family's processor gives them (LLaVA (B, C, H, W)) float32
+    images: object  # the model's `image_inputs`: what the jitted analyses take (pixels and derived arrays)
     spans: TokenSpans  # S/T/U/A masks (B, T) from the ids
     layout: ImageLayout  # the image tokens of each row and their cells on the row's image grid
 
@@ -50,7 +51,7 @@ def prepare(model, input_ids, pixel_values, attention_mask=None, answer_mask=Non
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
     if pixel_values is None:
         raise ValueError("pixel_values is required: the analyses look at the image tokens")
-    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, **image_kw)
     b = ids.shape[0]
     pv = np.asarray(pixel_values, np.float32)
     if answer_mask is not None:
@@ -79,7 +80,7 @@ def prepare(model, input_ids, pixel_values, attention_mask=None, answer_mask=Non
             pos = np.flatnonzero(am[r])
             if pos.size and pos[0] <= first_real[r]:
                 raise ValueError(f"answer_mask row {r} starts at the first real token: an answer needs a prompt")
-    return Prepared(ids, mask, pv, spans, layout)
+    return Prepared(ids, mask, pv, model.image_inputs(ids, mask, pv, **image_kw), spans, layout)
 
 
 def pad_rows(masks: np.ndarray, *, fill_outside: bool = False):

@@ -94,7 +94,7 @@ def attention_analysis(model, input_ids, pixel_values, query_mask=None, *, atten
     sp = p.spans
     groups = np.stack([sp.system, sp.image, sp.user], axis=1).astype(np.float32)  # (B, 3, T)
     shares, q_shares, img, rows = _attention_jit(
-        model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
+        model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
         jnp.asarray(qpos), jnp.asarray(qvalid, jnp.float32), jnp.asarray(groups), jnp.asarray(p.image_positions),
         jnp.asarray(p.layout.cells), jnp.bool_(heads == "max"), impl=attn_impl, grid_hw=tuple(p.grid_hw))
     return AttentionResult(shares=np.asarray(shares), query_shares=np.asarray(q_shares), image_maps=np.asarray(img),

@@ -87,11 +87,9 @@ def normalize_cam(raw, threshold=None):
 
 def noisy_copies(key, pixel_values, n: int, sigma, image_mean, image_std):
     """n noisy copies (n, B, C, H, W) of normalised pixels: Gaussian noise of std sigma on the [0, 1] image."""
-    mean = jnp.asarray(image_mean, jnp.float32)[:, None, None]
-    std = jnp.asarray(image_std, jnp.float32)[:, None, None]
-    x01 = pixel_values * std + mean
-    eps = jax.random.normal(key, (n,) + pixel_values.shape, jnp.float32)
-    return (x01[None] + sigma * eps - mean) / std
+    from jaxflow.models.family import noisy_copies as _noisy
+
+    return _noisy(key, pixel_values, n, sigma, image_mean, image_std, channel_axis=-3)
 
 
 def _site(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, *, per_token, token_batch,
@@ -147,7 +145,7 @@ def _cam_jit(model, ids, pixels, mask, img_pos, img_valid, cells, tgt_pos, tgt_t
         return out, s
 
     if smooth_n:
-        noisy = noisy_copies(key, pixels, smooth_n, sigma, mean, std)
+        noisy = model.noisy_images(key, pixels, smooth_n, sigma, mean, std)
         out, s = jax.lax.map(raw_maps, noisy, batch_size=smooth_batch or smooth_n)  # vmapped, in chunks
         out, s = jax.tree.map(lambda x: x.mean(0), (out, s))
     else:
@@ -199,7 +197,7 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
     p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, require_answer=True,
                 attn_impl=attn_impl, **image_kw)
     tgt_pos, tgt_tok, tgt_valid, ans_pos = answer_targets(p.input_ids, p.spans.answer)
-    res, s = _cam_jit(model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
+    res, s = _cam_jit(model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
                       jnp.asarray(p.image_positions), jnp.asarray(p.image_valid), jnp.asarray(p.layout.cells),
                       jnp.asarray(tgt_pos), jnp.asarray(tgt_tok),
                       jnp.asarray(tgt_valid), logprob, jax.random.PRNGKey(int(seed)), jnp.float32(smooth_sigma),
@@ -284,7 +282,7 @@ def cam_site(model, input_ids, pixel_values, answer_mask, *, attention_mask=None
     p = prepare(model, input_ids, pixel_values, attention_mask, answer_mask, require_answer=True,
                 attn_impl=attn_impl, **image_kw)
     tgt_pos, tgt_tok, tgt_valid, _ = answer_targets(p.input_ids, p.spans.answer)
-    args = (model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
+    args = (model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
             jnp.asarray(p.image_positions), jnp.asarray(tgt_pos), jnp.asarray(tgt_tok), jnp.asarray(tgt_valid),
             logprob)
     if not per_layer_loop:

@@ -82,7 +82,7 @@ def information_flow(model, input_ids, pixel_values, answer_mask, *, attention_m
     user_side = sp.user & ~pred
     qm = pred | user_side
     qpos, qvalid = pad_rows(qm, fill_outside=True)
-    sal, s = _flow_jit(model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
+    sal, s = _flow_jit(model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
                        jnp.asarray(qpos), jnp.asarray(tgt_pos), jnp.asarray(tgt_tok), jnp.asarray(tgt_valid),
                        logprob, impl=attn_impl)
     sal = np.asarray(sal)
@@ -118,7 +118,7 @@ def saliency(model, input_ids, pixel_values, answer_mask, query_mask, *, attenti
         raise ValueError("query_mask selects no real token in some row")
     tgt_pos, tgt_tok, tgt_valid, _ = answer_targets(p.input_ids, p.spans.answer)
     qpos, qvalid = pad_rows(qm, fill_outside=True)
-    sal, _ = _flow_jit(model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values), jnp.asarray(p.attention_mask),
+    sal, _ = _flow_jit(model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
                        jnp.asarray(qpos), jnp.asarray(tgt_pos), jnp.asarray(tgt_tok), jnp.asarray(tgt_valid),
                        logprob, impl=attn_impl)
     return np.where(qvalid[:, None, :, None], np.asarray(sal), 0.0), qpos, qvalid

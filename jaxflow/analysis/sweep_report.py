@@ -44,16 +44,17 @@ def sweep_report(bundle: Bundle, image, question: str, *, max_new_tokens: int = 
     model = bundle.model
     L = model.config.text.num_layers
     ks = np.arange(L + 1) if layers is None else np.asarray(sorted(set(int(k) for k in layers) | {L}))
-    batch, pixels = encode(bundle, [image], [question], pad_square=pad_square)
-    gen = truncation_generate(model, batch.input_ids, pixels, batch.attention_mask, ks,
-                              max_new_tokens=max_new_tokens, keep_top_k=keep_top_k)
+    batch, enc = encode(bundle, [image], [question], pad_square=pad_square, with_images=True)
+    gen = truncation_generate(model, batch.input_ids, enc.pixel_values, batch.attention_mask, ks,
+                              max_new_tokens=max_new_tokens, keep_top_k=keep_top_k, **enc.image_kw)
     eos = tuple(model.config.text.eos_token_id)
     answers = [decode_answers(bundle.tokenizer, gen.tokens[v], gen.lengths[v], eos)[0] for v in range(len(ks))]
     ids = [[int(t) for t in gen.tokens[v, 0, :gen.lengths[v, 0]] if int(t) not in eos] for v in range(len(ks))]
     ref_ids = ids[-1] or [int(gen.tokens[-1, 0, 0])]  # an empty answer: track its first token (EOS)
     # teacher-force the reference answer: prompt + answer, every K at once
-    tf, tf_pixels = encode(bundle, [image], [question], [ref_ids], pad_square=pad_square)
-    sweep = truncation_sweep(model, tf.input_ids, tf_pixels, tf.attention_mask, ks, keep_top_k=keep_top_k)
+    tf, tf_enc = encode(bundle, [image], [question], [ref_ids], pad_square=pad_square, with_images=True)
+    sweep = truncation_sweep(model, tf.input_ids, tf_enc.pixel_values, tf.attention_mask, ks, keep_top_k=keep_top_k,
+                             **tf_enc.image_kw)
     n_prompt_after_image = int(sweep.mask[0].sum()) - len(ref_ids)
     # slot j predicts the token at slot j + 1; the answer starts at slot n_prompt_after_image
     logits = sweep.logits[:, 0]  # (V, Ta, vocab)

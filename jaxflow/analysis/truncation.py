@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxflow.forward import _check_impl, causal_allowed, validate_inputs
 from jaxflow.generate import left_align, stop_tokens
+from jaxflow.models.family import next_positions
 from jaxflow.models.layers import _NEG
 from jaxflow.models.llama import decoder_layer
 from flax import nnx
@@ -64,28 +65,31 @@ class _Layout:
     text_valid: np.ndarray  # (B, Ta)
     prefix_len: int  # P = max image_end: slots [0, P) are the shared prefix
     system_len: int  # max image_start: slots [0, system_len) hold every row's system tokens
+    contiguous: bool = True  # every row's image tokens form one block (False: several images in a row)
 
 
 def image_layout(input_ids, attention_mask, image_token_id: int, num_image_tokens: int | None = None,
                  text_bucket: int = 1) -> _Layout:
-    """Finds each row's image block (of `num_image_tokens` tokens when given, else any length) and
-    the text after it; one clear error per bad row. The text-slot count is rounded up to a multiple of
+    """Finds each row's image span, from its first image token to one past its last (of
+    `num_image_tokens` tokens when given, else any number, in one or several images) and its own
+    tokens, every real non-image token after the first image token (the text between two images
+    included); one clear error per bad row. The own-slot count is rounded up to a multiple of
     `text_bucket` (fewer distinct shapes to compile)."""
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
     b = ids.shape[0]
-    start, end, texts = np.zeros(b, np.int32), np.zeros(b, np.int32), []
+    start, end, texts, contiguous = np.zeros(b, np.int32), np.zeros(b, np.int32), [], True
     for r in range(b):
         idx = np.flatnonzero((ids[r] == image_token_id) & (mask[r] > 0))
         if idx.size == 0:
             raise ValueError(f"row {r} has no image token (id {image_token_id}): truncation needs an image per row")
-        if (num_image_tokens is not None and idx.size != num_image_tokens) or idx[-1] - idx[0] + 1 != idx.size:
-            what = f"{num_image_tokens} image tokens" if num_image_tokens is not None else "image tokens"
-            raise ValueError(f"row {r} must hold one contiguous block of {what} (one image per row), "
-                             f"found {idx.size} spanning [{idx[0]}, {idx[-1]}]")
+        if num_image_tokens is not None and idx.size != num_image_tokens:
+            raise ValueError(f"row {r} must hold {num_image_tokens} image tokens, found {idx.size}")
+        contiguous &= bool(idx[-1] - idx[0] + 1 == idx.size)
         start[r], end[r] = idx[0], idx[-1] + 1
-        t = np.flatnonzero(mask[r, end[r]:] > 0) + end[r]
-        if t.size == 0:
-            raise ValueError(f"row {r} has no token after its image: nothing for truncation to change")
+        after = np.arange(start[r], ids.shape[1])
+        t = after[(mask[r, after] > 0) & (ids[r, after] != image_token_id)]
+        if t.size == 0 or t[-1] < end[r]:
+            raise ValueError(f"row {r} has no token after its last image: nothing for truncation to change")
         texts.append(t)
     ta = max(len(t) for t in texts)
     ta = -(-ta // text_bucket) * text_bucket
@@ -95,7 +99,7 @@ def image_layout(input_ids, attention_mask, image_token_id: int, num_image_token
         text_idx[r, :len(t)], text_idx[r, len(t):] = t, t[-1]
         text_valid[r, :len(t)] = True
     return _Layout(start, end, int((end - start).max()), text_idx, text_valid, int(end.max()),
-                   max(int(start.max()), 1))
+                   max(int(start.max()), 1), contiguous)
 
 
 def _check_layers(layers, num_layers: int) -> np.ndarray:
@@ -197,7 +201,7 @@ def _keep_sets(attn_rows, image_start, image_end, num_image, ks, keep_top_k):
     return jnp.sort(top, axis=-1)
 
 
-def _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *,
+def _sweep_core(model, ids, images, mask, text_idx, text_valid, image_start, image_end, ks, *,
                 prefix_len, system_len, image_max, chunks, keep_top_k, impl, for_generation):
     lm = model.language_model
     tcfg = model.config.text
@@ -205,8 +209,8 @@ def _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_star
     b, t = ids.shape
     v_count = ks.shape[0]
     n_img = image_max
-    x = model.embed(ids, pixel_values, impl)
-    positions = model.positions(ids, mask)
+    x = model.embed(ids, images, impl)
+    positions = model.positions(ids, mask, images)  # (B, T) or (B, T, R)
     cos_full, sin_full = model.rope_tables(positions, x.dtype)
     allowed = causal_allowed(mask > 0, jnp.broadcast_to(jnp.arange(t), (b, t)), t)
     bidx = jnp.arange(b)[:, None]
@@ -241,12 +245,14 @@ def _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_star
         own_valid = jnp.broadcast_to(text_valid, (v_count, b, ta))
         pre_kept = jnp.zeros((v_count, b, prefix_len), bool)
     own_seq = jnp.take_along_axis(jnp.broadcast_to(res_rows, (v_count,) + res_rows.shape), own_sel, -1)  # (V,B,Q)
-    pre_valid = (mask[:, :prefix_len] > 0) & (jnp.arange(prefix_len)[None] < image_end[:, None])
     pre_img = ids[:, :prefix_len] == model.config.image_token_id
+    slot = jnp.arange(prefix_len)[None]
+    # the prefix: every token before the first image and every image token; text between images is own
+    pre_valid = (mask[:, :prefix_len] > 0) & (slot < image_end[:, None]) & (pre_img | (slot < image_start[:, None]))
     gather_rows = lambda a, n: jnp.take_along_axis(a[None], own_sel[:n, :, :, None], axis=2)  # noqa: E731
     q = own_sel.shape[-1]
     # RoPE of own tokens: per variant when kept image tokens differ, else shared
-    own_pos = positions[bidx[None], own_seq]  # (V, B, Q)
+    own_pos = positions[bidx[None], own_seq]  # (V, B, Q) or (V, B, Q, R): each token keeps its position
     scale = tcfg.head_dim ** -0.5
     graphdef, state = nnx.split(lm.layers)
 
@@ -268,7 +274,7 @@ def _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_star
         xs = {"layer": jax.tree.map(lambda a: a[l0:l1], state), "l": jnp.arange(l0, l1), "res": res[l0:l1],
               "pre_k": pre_k[l0:l1, :, :sl], "pre_v": pre_v[l0:l1, :, :sl]}
         ks_n, seq_n, valid_n = ks[:n], own_seq[:n], own_valid[:n]
-        cos, sin = model.rope_tables(own_pos[:n].reshape(n * b, q), x.dtype)  # (n*B, Q, hd)
+        cos, sin = model.rope_tables(own_pos[:n].reshape((n * b, q) + own_pos.shape[3:]), x.dtype)  # (n*B, Q, hd)
         own_ok = _own_ok(seq_n, seq_n, valid_n)
         pre_kept_n = sys_kept[:n]
 
@@ -305,9 +311,9 @@ def _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_star
 
 @partial(jax.jit, static_argnames=("prefix_len", "system_len", "image_max", "chunks", "keep_top_k", "impl",
                                    "all_logits"))
-def _sweep_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, *, prefix_len,
+def _sweep_jit(model, ids, images, mask, text_idx, text_valid, image_start, image_end, ks, *, prefix_len,
                system_len, image_max, chunks, keep_top_k, impl, all_logits=True):
-    out = _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
+    out = _sweep_core(model, ids, images, mask, text_idx, text_valid, image_start, image_end, ks,
                       prefix_len=prefix_len, system_len=system_len, image_max=image_max, chunks=chunks,
                       keep_top_k=keep_top_k, impl=impl, for_generation=False)
     if not all_logits:
@@ -315,10 +321,12 @@ def _sweep_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start
     return out
 
 
-def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks, attn_impl, text_bucket=1):
+def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks, attn_impl, text_bucket=1,
+             **image_kw):
+    """Validated (ids, mask, ks, layout, images): images is the model's `image_inputs` of the batch."""
     _check_impl(attn_impl)
     cfg = model.config
-    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, **image_kw)
     if pixel_values is None:
         raise ValueError("truncation needs pixel_values: without an image there is nothing to cut")
     if not isinstance(chunks, (int, np.integer)) or chunks < 1:
@@ -328,14 +336,16 @@ def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k,
     ks = _check_layers(layers, cfg.text.num_layers)
     lay = image_layout(ids, mask, cfg.image_token_id, None, int(text_bucket))
     n_img = int((lay.image_end - lay.image_start).min())
+    if keep_top_k and not lay.contiguous:
+        raise ValueError("keep_top_k (FastV) needs one image per row; a row here holds several images")
     if not isinstance(keep_top_k, (int, np.integer)) or not 0 <= keep_top_k < n_img:
         raise ValueError(f"keep_top_k must be an integer in 0..{n_img - 1}, got {keep_top_k!r}")
-    return ids, mask, ks, lay
+    return ids, mask, ks, lay, model.image_inputs(ids, mask, pixel_values, **image_kw)
 
 
 def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers=None, *,
                      keep_top_k: int = 0, chunks: int = 4, attn_impl: str = "fused",
-                     text_bucket: int = 1, all_logits: bool = True) -> SweepOutput:
+                     text_bucket: int = 1, all_logits: bool = True, **image_kw) -> SweepOutput:
     """Logits for every cut layer K at once, at the positions after each row's image.
 
     input_ids/attention_mask (B, T), one image block per row; pixel_values as the family's processor
@@ -350,10 +360,10 @@ def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers
     at 7B x 8 rows x 24 tokens the full logits are 0.76 GB, and copying them to the host took longer
     than the sweep itself on an H200.
     """
-    ids, mask, ks, lay = _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k, chunks,
-                                  attn_impl, text_bucket)
+    ids, mask, ks, lay, images = _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k,
+                                          chunks, attn_impl, text_bucket, **image_kw)
     L = model.config.text.num_layers
-    out = _sweep_jit(model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
+    out = _sweep_jit(model, jnp.asarray(ids), images, jnp.asarray(mask),
                      jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
                      jnp.asarray(lay.image_end), jnp.asarray(ks), prefix_len=lay.prefix_len,
                      system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, L, chunks),
@@ -369,12 +379,12 @@ def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers
 
 @partial(jax.jit, static_argnames=("prefix_len", "system_len", "image_max", "chunks", "keep_top_k", "impl",
                                    "max_new_tokens"))
-def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks, eos_ids, pad_id,
+def _generate_jit(model, ids, images, mask, text_idx, text_valid, image_start, image_end, ks, eos_ids, pad_id,
                   *, prefix_len, system_len, image_max, chunks, keep_top_k, impl, max_new_tokens):
     lm = model.language_model
     tcfg = model.config.text
     b, t = ids.shape
-    sw = _sweep_core(model, ids, pixel_values, mask, text_idx, text_valid, image_start, image_end, ks,
+    sw = _sweep_core(model, ids, images, mask, text_idx, text_valid, image_start, image_end, ks,
                      prefix_len=prefix_len, system_len=system_len, image_max=image_max, chunks=chunks,
                      keep_top_k=keep_top_k, impl=impl, for_generation=True)
     v_count = ks.shape[0]
@@ -388,7 +398,7 @@ def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_st
     k_order = jnp.concatenate([sw["own_seq"], jnp.broadcast_to(t + jnp.arange(max_new_tokens),
                                                                (v_count, b, max_new_tokens))], -1)
     k_valid = jnp.concatenate([sw["own_valid"], jnp.ones((v_count, b, max_new_tokens), bool)], -1)
-    next_pos = mask.sum(-1).astype(jnp.int32)  # (B,) position of the first new token
+    next_pos = next_positions(model.positions(ids, mask, images), mask)  # (B,) position of the first new token
     first = sw["next_token"]  # (V, B)
     tokens = jnp.full((v_count, b, max_new_tokens), pad_id, jnp.int32).at[:, :, 0].set(first)
     done = jnp.isin(first, eos_ids)
@@ -438,7 +448,7 @@ def _generate_jit(model, ids, pixel_values, mask, text_idx, text_valid, image_st
 def truncation_generate(model, input_ids, pixel_values, attention_mask=None, layers=None, *,
                         max_new_tokens: int = 32, keep_top_k: int = 0, eos_token_id=None,
                         pad_token_id: int | None = None, chunks: int = 4, attn_impl: str = "fused",
-                        text_bucket: int = 1) -> TruncationGenerateOutput:
+                        text_bucket: int = 1, **image_kw) -> TruncationGenerateOutput:
     """Greedy decoding for every cut layer K at once (batched over rows, each (K, row) stops at EOS).
 
     The prompt's shared prefix (system + image keys/values) is stored once; each variant keeps a
@@ -448,14 +458,14 @@ def truncation_generate(model, input_ids, pixel_values, attention_mask=None, lay
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, **image_kw)
     ids, mask = left_align(ids, mask)
-    ids, mask, ks, lay = _prepare(model, ids, pixel_values, mask, layers, keep_top_k, chunks, attn_impl,
-                                  text_bucket)
+    ids, mask, ks, lay, images = _prepare(model, ids, pixel_values, mask, layers, keep_top_k, chunks, attn_impl,
+                                          text_bucket, **image_kw)
     cfg = model.config
     eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
     tokens = np.asarray(_generate_jit(
-        model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask),
+        model, jnp.asarray(ids), images, jnp.asarray(mask),
         jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
         jnp.asarray(lay.image_end), jnp.asarray(ks), jnp.asarray(eos), jnp.int32(pad), prefix_len=lay.prefix_len,
         system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, cfg.text.num_layers, chunks), keep_top_k=int(keep_top_k), impl=attn_impl,
@@ -468,12 +478,12 @@ def truncation_generate(model, input_ids, pixel_values, attention_mask=None, lay
 # --------------------------------------------------------------------------- reference path
 
 
-def fastv_keep_mask(model, input_ids, pixel_values, attention_mask, truncate_at: int, keep_top_k: int):
+def fastv_keep_mask(model, input_ids, pixel_values, attention_mask, truncate_at: int, keep_top_k: int, **image_kw):
     """(B, T) bool: the image tokens FastV keeps from layer K on (top-k by the last real token's
     head-averaged attention at layer K-1 of the untruncated model; layer 0 for K = 0)."""
-    ids, mask, _, lay = _prepare(model, input_ids, pixel_values, attention_mask, [truncate_at], keep_top_k, 1,
-                                 "fused")
-    out = _attn_last_jit(model, jnp.asarray(ids), jnp.asarray(pixel_values, jnp.float32), jnp.asarray(mask))
+    ids, mask, _, lay, images = _prepare(model, input_ids, pixel_values, attention_mask, [truncate_at], keep_top_k, 1,
+                                         "fused", **image_kw)
+    out = _attn_last_jit(model, jnp.asarray(ids), images, jnp.asarray(mask))
     kept = np.asarray(_keep_sets(out, jnp.asarray(lay.image_start), jnp.asarray(lay.image_end), lay.image_max,
                                  jnp.asarray([truncate_at]), keep_top_k))[0]  # (B, k)
     keep = np.zeros(ids.shape, bool)
@@ -483,9 +493,9 @@ def fastv_keep_mask(model, input_ids, pixel_values, attention_mask, truncate_at:
 
 
 @jax.jit
-def _attn_last_jit(model, ids, pixel_values, mask):
+def _attn_last_jit(model, ids, images, mask):
     from jaxflow.forward import forward_core
 
     b, t = ids.shape
     last = (t - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
-    return forward_core(model, ids, pixel_values, mask, attn_rows=last[:, None]).attn_rows
+    return forward_core(model, ids, images, mask, attn_rows=last[:, None]).attn_rows

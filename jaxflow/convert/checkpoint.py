@@ -67,7 +67,7 @@ def _write_params(path: str, params) -> None:
     os.makedirs(path)
     with ocp.StandardCheckpointer() as ckptr:
         for leaf_path, arr in items:
-            ckptr.save(os.path.join(os.path.abspath(path), ".".join(leaf_path)), {"value": arr})
+            ckptr.save(os.path.join(os.path.abspath(path), ".".join(map(str, leaf_path))), {"value": arr})
             ckptr.wait_until_finished()
             del arr
 
@@ -157,7 +157,7 @@ def load(path: str, dtype: str | None = None) -> VisionLanguageModel:
     restored: dict = {}
     with ocp.StandardCheckpointer() as ckptr:
         for leaf_path, spec in _leaves(target):  # one parameter at a time: host memory ~ 1x the weights
-            item = os.path.join(path, "params", ".".join(leaf_path))
+            item = os.path.join(path, "params", ".".join(map(str, leaf_path)))
             try:
                 arr = ckptr.restore(item, {"value": spec})["value"]
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds

@@ -29,11 +29,15 @@ def canonical_key(key: str) -> str:
     """Maps every LLaVA / InternVL key layout transformers has written to one canonical form:
     `vision_tower.<clip>`, `multi_modal_projector.*`, `language_model.<llama model>`, `lm_head.weight`.
 
-    Handled: v5 in-memory `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*`;
-    v4 files `language_model.model.*` and `language_model.lm_head.weight`; `vision_tower.vision_model.*`.
+    Handled: v5 in-memory `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*`
+    / `model.visual.*`; v4 files `language_model.model.*` and `language_model.lm_head.weight`;
+    `vision_tower.vision_model.*`; Qwen2-VL files `model.layers.*` / `model.embed_tokens.*` / `model.norm.*`
+    (the decoder) and `visual.*`.
     """
     k = key
-    for head in ("language_model.", "vision_tower.", "multi_modal_projector."):
+    if k.startswith("model.") and k.split(".")[1] in ("layers", "embed_tokens", "norm"):
+        return "language_model." + k[len("model."):]  # Qwen2-VL as saved: model.layers.*, visual.*, lm_head
+    for head in ("language_model.", "vision_tower.", "multi_modal_projector.", "visual."):
         if k.startswith("model." + head):
             k = k[len("model."):]
     if k == "language_model.lm_head.weight":
@@ -99,6 +103,17 @@ def internvl_param_source(path: tuple[str, ...], cfg) -> Source:
     if path[0] == "language_model":
         return _text_source(path, cfg)
     from jaxflow.models.internvit import HF_TRANSFORMS, hf_source
+
+    keys, transform, stacked = hf_source(path, cfg.vision)
+    return Source(tuple(keys), HF_TRANSFORMS[transform], stacked)
+
+
+def qwen2_vl_param_source(path: tuple[str, ...], cfg) -> Source:
+    """HF source of a parameter of a Qwen2-VL / Qwen2.5-VL tree: the vision tower from its key table
+    (`jaxflow.models.qwen2_vit.hf_source`), the decoder as for every family."""
+    if path[0] == "language_model":
+        return _text_source(path, cfg)
+    from jaxflow.models.qwen2_vit import HF_TRANSFORMS, hf_source
 
     keys, transform, stacked = hf_source(path, cfg.vision)
     return Source(tuple(keys), HF_TRANSFORMS[transform], stacked)
@@ -253,7 +268,7 @@ def iter_params(hf_dir: str, cfg, abstract: dict, dtype, progress=None):
         yield path, arr
         del arr
         if progress is not None:
-            progress(".".join(path))
+            progress(".".join(map(str, path)))
 
 
 def iter_params_in_memory(tensors, cfg, abstract: dict, dtype, progress=None):
@@ -268,7 +283,7 @@ def iter_params_in_memory(tensors, cfg, abstract: dict, dtype, progress=None):
         del parts
         yield path, arr
         if progress is not None:
-            progress(".".join(path))
+            progress(".".join(map(str, path)))
 
 
 def _plan(store, cfg, abstract: dict) -> list:

@@ -17,7 +17,9 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-TEMPLATES = ("vicuna_v1", "llava_hf", "internvl")
+TEMPLATES = ("vicuna_v1", "llava_hf", "internvl", "qwen2_vl")
+QWEN2_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in a Qwen2-VL prompt
+QWEN2_VL_SYSTEM = "You are a helpful assistant."
 INTERNVL_IMAGE_START, INTERNVL_IMAGE_END = "<img>", "</img>"
 
 
@@ -31,7 +33,10 @@ def format_prompt(question: str, template: str = "vicuna_v1", image_token: str =
     an image then the question in one user turn, generation prompt added), or without one ChatML
     ``"<|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"``; the image
     placeholder (``image_token``, the context token) is wrapped in ``<img>``/``</img>`` as
-    transformers' InternVL processor does before expanding it.
+    transformers' InternVL processor does before expanding it;
+    ``qwen2_vl``: the checkpoint tokenizer's chat template, which renders the image as
+    ``<|vision_start|><|image_pad|><|vision_end|>`` (``image_token`` is the pad token the processor
+    expands), or without one Qwen2-VL's ChatML with its default system prompt.
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; valid templates: {', '.join(TEMPLATES)}")
@@ -39,10 +44,25 @@ def format_prompt(question: str, template: str = "vicuna_v1", image_token: str =
         raise ValueError("question is empty")
     if template == "internvl":
         return _internvl_prompt(question, image_token, tokenizer)
+    if template == "qwen2_vl":
+        return _qwen2_vl_prompt(question, image_token, tokenizer)
     body = f"USER: {image_token}\n{question} ASSISTANT:"
     if template == "vicuna_v1":
         return f"{VICUNA_V1_SYSTEM} {body}"
     return body
+
+
+def _qwen2_vl_prompt(question: str, image_token: str, tokenizer) -> str:
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    else:
+        text = (f"<|im_start|>system\n{QWEN2_VL_SYSTEM}<|im_end|>\n<|im_start|>user\n{QWEN2_VL_IMAGE}{question}"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    if text.count(image_token) != 1:
+        raise ValueError(f"the Qwen2-VL prompt renders {text.count(image_token)} image placeholders "
+                         f"({image_token!r}) for one image")
+    return text
 
 
 def _internvl_prompt(question: str, image_token: str, tokenizer) -> str:

@@ -98,7 +98,8 @@ class PreparedBatch:
     items: list
     input_ids: np.ndarray  # (rows, T) int32
     attention_mask: np.ndarray  # (rows, T) int32
-    pixel_values: np.ndarray  # (rows, 3, H, W) float32
+    pixel_values: np.ndarray  # the family's pixels of the rows' images, in row order, float32
+    image_kw: dict = dataclasses.field(default_factory=dict)  # the family's image arguments (Qwen2-VL: image_grid_thw)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -203,9 +204,10 @@ def prompt_lengths(bundle, items) -> np.ndarray:
     if not prompts:
         return np.zeros(0, np.int64)
     ids = bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    # image tokens of one image (LLaVA) or one tile (InternVL: the tile count needs the image itself)
+    # image tokens of one image (LLaVA), one tile (InternVL: the tile count needs the image itself) or at
+    # least one (Qwen2-VL: the count depends on the image's size); the order of the batches only
     cfg = bundle.config
-    per_image = cfg.num_image_tokens if bundle.family == "llava" else cfg.tokens_per_tile
+    per_image = getattr(cfg, "num_image_tokens", None) or getattr(cfg, "tokens_per_tile", 1)
     return np.asarray([len(x) for x in ids], np.int64) + per_image - 1
 
 
@@ -261,8 +263,8 @@ def prepare_batch(bundle, items, *, rows: int, length_bucket: int = 16, pad_squa
     ids, mask = layout_rows(batch.input_ids, batch.attention_mask, cfg.image_token_id, pad, rows=rows,
                             length_bucket=length_bucket)
     n = len(items)
-    pixels = images.rows(list(range(n)) + [0] * (ids.shape[0] - n))  # filler rows copy row 0 and its image
-    return PreparedBatch(list(items), ids, mask, np.asarray(pixels, np.float32))
+    idx = list(range(n)) + [0] * (ids.shape[0] - n)  # filler rows copy row 0 and its image
+    return PreparedBatch(list(items), ids, mask, np.asarray(images.rows(idx), np.float32), images.kw_rows(idx))
 
 
 def generate_batch(bundle, batch: PreparedBatch, layers, max_new_tokens: int,
@@ -279,11 +281,12 @@ def generate_batch(bundle, batch: PreparedBatch, layers, max_new_tokens: int,
     n = len(batch.items)
     if layers is None:
         g = generate(bundle.model, batch.input_ids, batch.pixel_values, batch.attention_mask,
-                     max_new_tokens=int(max_new_tokens))
+                     max_new_tokens=int(max_new_tokens), **batch.image_kw)
         texts = decode_answers(bundle.tokenizer, g.tokens[:n], g.lengths[:n], eos)
         return {cfg.text.num_layers: list(zip(texts, g.lengths[:n].tolist()))}
     g = truncation_generate(bundle.model, batch.input_ids, batch.pixel_values, batch.attention_mask,
-                            layers=list(layers), max_new_tokens=int(max_new_tokens), text_bucket=int(text_bucket))
+                            layers=list(layers), max_new_tokens=int(max_new_tokens), text_bucket=int(text_bucket),
+                            **batch.image_kw)
     out = {}
     for v, k in enumerate(g.layers):
         texts = decode_answers(bundle.tokenizer, g.tokens[v, :n], g.lengths[v, :n], eos)

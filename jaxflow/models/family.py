@@ -5,11 +5,18 @@ class, the converter's key map (a data table from our parameter paths to the saf
 through the model, the host-side image geometry. Every model has this interface (`VisionLanguageModel`):
 
 - `family` (str) and `config` (with `.text`, the decoder's `TextConfig`, and `.image_token_id`);
-- `encode_images(pixel_values, impl, **image_kw)` -> packed features (n_image_tokens, D): the rows
-  that `embed` writes, in order, at the image-token positions of the batch (row-major);
-- `embed(input_ids, pixel_values, impl, **image_kw)` -> (B, T, D);
-- `positions(input_ids, attention_mask)` -> (B, T) int32 RoPE positions; `rope_tables(positions,
-  dtype)` -> cos, sin (B, T, hd);
+- host side, `image_inputs(input_ids, attention_mask, pixel_values, **image_kw)` -> the pytree of
+  arrays ("images") that the jitted functions below take: the processor's pixel_values (float32),
+  plus whatever the family derives from the image arguments on the host (Qwen2-VL: the vision
+  tower's packing layout and the M-RoPE positions); None without images;
+- `encode_images(images, impl)` -> packed features (n_image_tokens, D): the rows that `embed`
+  writes, in order, at the image-token positions of the batch (row-major);
+- `embed(input_ids, images, impl)` -> (B, T, D);
+- `positions(input_ids, attention_mask, images)` -> RoPE positions, (B, T) int32 or (B, T, R) for
+  R-axis rotary embeddings (M-RoPE: R = 3); `rope_tables(positions, dtype)` -> cos, sin (B, T, hd),
+  for either shape (a (B, T) position is the same on every axis);
+- `noisy_images(key, images, n, sigma, mean, std)` -> n copies of `images` (leading axis n) with
+  Gaussian noise of std sigma added to the [0, 1] image (SmoothGrad);
 - `language_model`: the decoder, whose `run_layers` runs the one decoder-layer function
   (`jaxflow.models.llama.decoder_layer`) over the stack, with a KV cache and every intervention as an
   explicit argument, and whose `logits` applies the final norm and the unembedding;
@@ -22,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Protocol
 
+import jax
 import jax.numpy as jnp
 
 from jaxflow.models.config import ConfigError
@@ -32,11 +40,15 @@ class VisionLanguageModel(Protocol):
     config: Any
     language_model: Any
 
-    def encode_images(self, pixel_values, impl: str = "fused", **image_kw): ...
+    def image_inputs(self, input_ids, attention_mask, pixel_values, **image_kw): ...
 
-    def embed(self, input_ids, pixel_values, impl: str = "fused", **image_kw): ...
+    def encode_images(self, images, impl: str = "fused"): ...
 
-    def positions(self, input_ids, attention_mask): ...
+    def embed(self, input_ids, images, impl: str = "fused"): ...
+
+    def positions(self, input_ids, attention_mask, images=None): ...
+
+    def noisy_images(self, key, images, n: int, sigma, mean, std): ...
 
     def rope_tables(self, positions, dtype): ...
 
@@ -50,6 +62,26 @@ def position_ids(attention_mask):
     generate computes them, so left and right padding give every real token its unpadded position."""
     m = attention_mask.astype(jnp.int32)
     return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def next_positions(positions, attention_mask):
+    """(B,) int32: the position of the first generated token, one past the largest position of a real
+    token (for 1-D positions the count of real tokens). positions (B, T) or (B, T, R)."""
+    p = positions if positions.ndim == 2 else positions.max(-1)
+    return (jnp.where(attention_mask > 0, p, -1).max(-1) + 1).astype(jnp.int32)
+
+
+def noisy_copies(key, pixel_values, n: int, sigma, image_mean, image_std, channel_axis: int = 1):
+    """n noisy copies (n, ...) of normalised pixels: Gaussian noise of std sigma on the [0, 1] image.
+    image_mean/std (C,) broadcast along `channel_axis` of pixel_values (or are given per element)."""
+    mean, std = jnp.asarray(image_mean, jnp.float32), jnp.asarray(image_std, jnp.float32)
+    if mean.ndim == 1:
+        shape = [1] * pixel_values.ndim
+        shape[channel_axis] = -1
+        mean, std = mean.reshape(shape), std.reshape(shape)
+    x01 = pixel_values * std + mean
+    eps = jax.random.normal(key, (n,) + pixel_values.shape, jnp.float32)
+    return (x01[None] + sigma * eps - mean) / std
 
 
 def scatter_image_features(x, input_ids, image_token_id: int, feats):
@@ -71,21 +103,29 @@ class DecoderVLM:
     def dtype(self):
         return self.language_model.embed_tokens[...].dtype
 
-    def encode_images(self, pixel_values, impl: str = "fused"):
+    def image_inputs(self, input_ids, attention_mask, pixel_values, **image_kw):
+        """Host side: the jitted functions' image input, the pixel array as float32 (None: no image).
+        Image arguments (InternVL's tile_grids) only place maps on the host, so they are not needed."""
+        return None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+
+    def encode_images(self, images, impl: str = "fused"):
         """pixel_values -> packed features (n_image_tokens, D), image (tile) after image."""
-        f = self.image_features(pixel_values, impl)
+        f = self.image_features(images, impl)
         return f.reshape(-1, f.shape[-1])
 
-    def embed(self, input_ids, pixel_values, impl: str = "fused"):
-        """input_ids (B, T); pixel_values or None -> (B, T, D): the i-th image token of the batch
-        (row-major) gets the i-th packed feature row."""
+    def embed(self, input_ids, images, impl: str = "fused"):
+        """input_ids (B, T); images (`image_inputs`) or None -> (B, T, D): the i-th image token of the
+        batch (row-major) gets the i-th packed feature row."""
         x = self.language_model.embed(input_ids)
-        if pixel_values is None:
+        if images is None:
             return x
-        return scatter_image_features(x, input_ids, self.config.image_token_id, self.encode_images(pixel_values, impl))
+        return scatter_image_features(x, input_ids, self.config.image_token_id, self.encode_images(images, impl))
 
-    def positions(self, input_ids, attention_mask):  # (B, T) -> (B, T) int32
+    def positions(self, input_ids, attention_mask, images=None):  # (B, T) -> (B, T) int32
         return position_ids(attention_mask)
+
+    def noisy_images(self, key, images, n: int, sigma, mean, std):  # (B, C, H, W) -> (n, B, C, H, W)
+        return noisy_copies(key, images, n, sigma, mean, std, channel_axis=-3)
 
     def rope_tables(self, positions, dtype):  # (B, T) -> cos, sin (B, T, hd)
         from jaxflow.models.layers import rope_cos_sin, rope_inv_freq
@@ -105,16 +145,21 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from jaxflow.convert.hf import internvl_param_source, llava_param_source
+    from jaxflow.convert.hf import internvl_param_source, llava_param_source, qwen2_vl_param_source
     from jaxflow.models.config import from_hf_dict as llava_from_hf
     from jaxflow.models.internvl import InternVL, internvl_config_from_hf
     from jaxflow.models.llava import Llava
+    from jaxflow.models.qwen2_vl import Qwen2VL, qwen2_vl_config_from_hf
 
     fams = [
         Family("llava", ("llava",), llava_from_hf, Llava, llava_param_source,
                "LLaVA-1.5 (LlavaForConditionalGeneration: CLIP, MLP projector, Llama)"),
         Family("internvl", ("internvl",), internvl_config_from_hf, InternVL, internvl_param_source,
                "InternVL (InternVLForConditionalGeneration, the -hf checkpoints: InternViT, Qwen2)"),
+        Family("qwen2_vl", ("qwen2_vl",), qwen2_vl_config_from_hf, Qwen2VL, qwen2_vl_param_source,
+               "Qwen2-VL (Qwen2VLForConditionalGeneration: any image size, M-RoPE)"),
+        Family("qwen2_5_vl", ("qwen2_5_vl",), qwen2_vl_config_from_hf, Qwen2VL, qwen2_vl_param_source,
+               "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration: windowed vision attention, M-RoPE)"),
     ]
     return {f.name: f for f in fams}
 

@@ -53,10 +53,27 @@ def _unnormalise(pixels: np.ndarray, spec) -> np.ndarray:
     return np.clip((pixels * std + mean) * 255.0, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
 
 
+def _qwen2_vl_view(bundle, enc, row: int) -> np.ndarray:
+    """A Qwen2-VL image as the model sees it: its patches put back at their places on the resized image
+    (the first temporal copy), un-normalised -> (H, W, 3) uint8."""
+    from jaxflow.data.qwen2_vl_image import patch_positions
+
+    spec = bundle.image_spec
+    t, gh, gw = (int(x) for x in np.asarray(enc.image_kw["image_grid_thw"])[row])
+    p, c = spec.patch_size, 3
+    patches = enc.rows([row])[:gh * gw].reshape(gh * gw, c, spec.temporal_patch_size, p, p)[:, :, 0]
+    img = np.zeros((c, gh * p, gw * p), np.float32)
+    for (r, col), patch in zip(patch_positions(gh, gw, spec.merge_size), patches):
+        img[:, r * p:(r + 1) * p, col * p:(col + 1) * p] = patch
+    return _unnormalise(img, spec)
+
+
 def model_input_view(bundle, enc, row: int = 0, gap: int = 4) -> np.ndarray:
     """What the model sees of image `row` of `enc` (a `pipeline.EncodedImages`), (H, W, 3) uint8.
     LLaVA: the preprocessed image. Tiled families (InternVL): the tiles at their places in the grid,
     `gap` white pixels apart, then the thumbnail (if any) to the right, top-aligned."""
+    if bundle.family in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen2_vl_view(bundle, enc, row)
     tiles = enc.rows([row])  # (n, 3, S, S), or (1, 3, H, W)
     views = [_unnormalise(t, bundle.image_spec) for t in tiles]
     if bundle.family == "llava" or not enc.layouts:
