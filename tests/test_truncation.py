@@ -158,8 +158,12 @@ def test_bad_arguments(pair):
     first = int(np.flatnonzero(split[0] == R.IMAGE_TOKEN)[0])
     split[0, first] = 7  # a gap inside the image block
     split[0, first - 1] = R.IMAGE_TOKEN
-    with pytest.raises(ValueError, match="row 0 must hold one contiguous block"):
-        image_layout(split, mask, R.IMAGE_TOKEN, jm.config.num_image_tokens)
+    lay = image_layout(split, mask, R.IMAGE_TOKEN, jm.config.num_image_tokens)  # a gap: like two images
+    assert not lay.contiguous and first in lay.text_idx[0][lay.text_valid[0]]  # the gap's token is an own token
+    with pytest.raises(ValueError, match="must hold 576 image tokens|must hold .* image tokens"):
+        image_layout(ids[:, 1:], mask[:, 1:], R.IMAGE_TOKEN, jm.config.num_image_tokens + 1)
+    with pytest.raises(ValueError, match="one image per row"):
+        jaxflow.truncation_sweep(jm, split, pix, mask, keep_top_k=2)
     with pytest.raises(ValueError, match="keep_top_k"):
         jaxflow.truncation_sweep(jm, ids, pix, mask, keep_top_k=10_000)
     with pytest.raises(ValueError, match="max_new_tokens"):
