@@ -277,9 +277,11 @@ def test_token_spans_errors():
     ids = np.array([[1, 4, 4, 5], [1, 5, 6, 7]])
     with pytest.raises(ValueError, match="row 1 has no image token"):
         token_spans(ids, np.ones_like(ids), 4)
-    split = np.array([[1, 4, 4, 5], [1, 4, 5, 4]])
-    with pytest.raises(ValueError, match="row 1: image tokens are not contiguous"):
-        token_spans(split, np.ones_like(split), 4)
+    # two images in a row: the text between them is U, both images are T
+    two = token_spans(np.array([[1, 4, 4, 5, 4, 6]]), np.ones((1, 6), int), 4)
+    np.testing.assert_array_equal(two.image, [[0, 1, 1, 0, 1, 0]])
+    np.testing.assert_array_equal(two.user, [[0, 0, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(two.system, [[1, 0, 0, 0, 0, 0]])
     # An image token hidden by the mask does not count.
     with pytest.raises(ValueError, match="row 0 has no image token"):
         token_spans(np.array([[4, 1, 5]]), np.array([[0, 1, 1]]), 4)

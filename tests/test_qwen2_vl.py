@@ -165,9 +165,29 @@ def test_cam_matches_torch_autograd_on_each_images_grid(pair):
             assert np.all(got[:, gh:, :] == 0) and np.all(got[:, :, gw:] == 0)
 
 
-def test_attention_shares_match_eager_attentions(pair):
+def test_cam_of_two_images_in_a_row(pair):
+    """One map per image (row 0 holds images a and c, row 1 image b), each pooling its own tokens."""
     _, hf, jm = pair
-    ids, mask, pix, grid, amask = Q.batch_inputs("two_rows", seed=5, answer_lengths=(2, 1))
+    ids, mask, pix, grid, amask = Q.batch_inputs("multi", seed=4, answer_lengths=(2, 3))
+    g_t, h_t = _torch_site(hf, ids, mask, amask, pix, grid)
+    res = jaxflow.llava_cams(jm, ids, pix, amask, attention_mask=mask, image_grid_thw=grid, per_token=True)
+    np.testing.assert_array_equal(res.image_rows, [0, 0, 1])
+    np.testing.assert_array_equal(res.grids, [(g[1] // Q.MERGE, g[2] // Q.MERGE) for g in grid])
+    assert res.token_maps["paper"].shape[:2] == (3, 3)
+    seen = {0: 0, 1: 0}
+    for i, (r, g) in enumerate(zip(res.image_rows, grid)):
+        n, (gh, gw) = Q.tokens(g), res.grids[i]
+        pos = np.flatnonzero(ids[r] == Q.IMAGE_TOKEN)[seen[r]:seen[r] + n]
+        seen[r] += n
+        for method in ("paper", "gradcam", "gradxact"):
+            want = AR.np_normalize(AR.np_raw_cam(g_t[r][:, pos], h_t[r][:, pos], method)).reshape(-1, gh, gw)
+            assert np.abs(res.maps[method][i][:, :gh, :gw] - want).max() <= 1e-3, (i, method)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_shares_match_eager_attentions(pair, case):
+    _, hf, jm = pair
+    ids, mask, pix, grid, amask = Q.batch_inputs(case, seed=5, answer_lengths=(2, 1))
     with torch.no_grad():
         att = np.stack([a.numpy() for a in _torch_logits(hf, ids, mask, pix, grid, output_attentions=True).attentions],
                        1)
@@ -176,10 +196,12 @@ def test_attention_shares_match_eager_attentions(pair):
         real = mask[b] > 0
         img = (ids[b] == Q.IMAGE_TOKEN) & real
         pos = np.arange(ids.shape[1])
-        groups = [real & (pos < np.flatnonzero(img)[0]), img, real & (pos > np.flatnonzero(img)[-1]) & ~amask[b]]
+        # S before the first image; T every image token; U the rest after the first image (text between)
+        groups = [real & (pos < np.flatnonzero(img)[0]), img, real & (pos > np.flatnonzero(img)[0]) & ~img & ~amask[b]]
         a = att[b].mean(axis=1)[:, np.flatnonzero(amask[b])]  # (L, A, T)
         mass = np.stack([a[..., g].sum(-1) for g in groups], -1)
         np.testing.assert_allclose(res.shares[b], (mass / mass.sum(-1, keepdims=True)).mean(1), atol=1e-5)
+    assert res.image_maps.shape[0] == len(grid) and list(res.image_rows) == ([0, 1] if case == "two_rows" else [0, 0, 1])
 
 
 def test_smoothgrad_noise_is_shared_by_temporal_copies(pair):
@@ -205,3 +227,55 @@ def test_missing_image_grid_thw_is_one_clear_error(pair):
         jaxflow.forward(jm, ids, pix[:-4], mask, image_grid_thw=grid)
     with pytest.raises(ValueError, match="image tokens"):
         jaxflow.forward(jm, ids, pix, mask, image_grid_thw=grid[::-1])
+
+
+def test_converter_is_strict_on_the_qwen_layout(tmp_path):
+    """A missing vision tensor, a decoder tensor of the wrong shape and an mrope_section that does not
+    fit the head size each fail with one line naming the problem, writing nothing."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    import hf_reference as R
+
+    hf_dir = Q.pair("qwen2_5_vl")[2]
+
+    def attempt(name, edit, *phrases):
+        d = tmp_path / name / "hf"
+        shutil.copytree(hf_dir, d)
+        edit(d)
+        out = tmp_path / name / "out"
+        res = R.convert_cli(str(d), str(out))
+        err = [l for l in res.stderr.strip().splitlines() if l.startswith("error:")]
+        assert res.returncode != 0 and len(err) == 1, res.stderr[-2000:]
+        for p in phrases:
+            assert p in err[0], err[0]
+        assert not out.exists()
+
+    def edit_tensor(key, fn):
+        def edit(d):
+            idx = json.load(open(d / "model.safetensors.index.json"))["weight_map"]
+            f = str(d / idx[key])
+            t = load_file(f)
+            if fn(t) == "dropped":
+                idx.pop(key)
+                json.dump({"metadata": {}, "weight_map": idx}, open(d / "model.safetensors.index.json", "w"))
+            save_file(t, f, metadata={"format": "pt"})
+        return edit
+
+    def drop(t):
+        t.pop("visual.blocks.2.attn.qkv.weight")
+        return "dropped"
+
+    attempt("missing", edit_tensor("visual.blocks.2.attn.qkv.weight", drop), "missing", "visual.blocks.2.attn.qkv.weight")
+    attempt("shape", edit_tensor("model.layers.1.mlp.up_proj.weight",
+                                 lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", np.zeros((3, 64), np.float32))),
+            "wrong shape", "up_proj")
+
+    def bad_section(d):
+        cfg = json.load(open(d / "config.json"))
+        cfg["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
+        json.dump(cfg, open(d / "config.json", "w"))
+
+    attempt("section", bad_section, "mrope_section", "head_dim / 2")

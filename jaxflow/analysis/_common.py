@@ -28,15 +28,19 @@ class Prepared:
     pixel_values: np.ndarray  # as the family's processor gives them (LLaVA (B, C, H, W)) float32
     images: object  # the model's `image_inputs`: what the jitted analyses take (pixels and derived arrays)
     spans: TokenSpans  # S/T/U/A masks (B, T) from the ids
-    layout: ImageLayout  # the image tokens of each row and their cells on the row's image grid
+    layout: ImageLayout  # the tokens of each image (a row may hold several) and their cells on its grid
 
     @property
-    def image_positions(self) -> np.ndarray:  # (B, N) int32: the image tokens of each row, in order
+    def image_positions(self) -> np.ndarray:  # (I, N) int32: the tokens of each image, in order
         return self.layout.positions
 
     @property
-    def image_valid(self) -> np.ndarray:  # (B, N) bool: False where a shorter row is padded
+    def image_valid(self) -> np.ndarray:  # (I, N) bool: False where a smaller image is padded
         return self.layout.valid
+
+    @property
+    def image_rows(self) -> np.ndarray:  # (I,) int32: the row of each image
+        return self.layout.rows
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -45,8 +49,8 @@ class Prepared:
 
 def prepare(model, input_ids, pixel_values, attention_mask=None, answer_mask=None, *,
             require_answer: bool = False, attn_impl: str = "fused", **image_kw) -> Prepared:
-    """Validates the inputs of an analysis (one image per row) and computes the token groups and
-    the image layout (image_kw: the family's extra image arguments, e.g. InternVL's tile_grids)."""
+    """Validates the inputs of an analysis (one or more images per row) and computes the token groups
+    and the image layout (image_kw: the family's extra image arguments, e.g. InternVL's tile_grids)."""
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
     if pixel_values is None:

@@ -31,13 +31,14 @@ class AttentionResult:
     """Attention of the selected queries. L = decoder layers, Q = most queries in a row."""
     shares: np.ndarray  # (B, L, 3) float32 S, T, U shares (rows sum to 1), averaged over the queries
     query_shares: np.ndarray  # (B, L, Q, 3) float32 per query (zeros where query_mask is False)
-    image_maps: np.ndarray  # (B, L, gh, gw) float32 head-reduced attention to each image token, query mean
-    # (on each row's image grid; rows with smaller grids are zero outside theirs)
+    image_maps: np.ndarray  # (I, L, gh, gw) float32 head-reduced attention of its row's queries to each token of
+    # image i, query mean (on each image's grid; smaller images are zero outside theirs; I = B with one image per row)
     rows: np.ndarray  # (B, L, Q, T) float32 head-reduced attention rows of the queries
     query_positions: np.ndarray  # (B, Q) int32 query positions in the sequence
     query_mask: np.ndarray  # (B, Q) bool: which entries are real queries
     group_masks: np.ndarray  # (B, 3, T) bool key groups S, T, U
-    grids: np.ndarray  # (B, 2) int32 each row's own image grid (gh, gw)
+    grids: np.ndarray  # (I, 2) int32 each image's own grid (gh, gw)
+    image_rows: np.ndarray | None = None  # (I,) int32 the row of each image
 
 
 def default_queries(attention_mask: np.ndarray, answer_mask: np.ndarray | None) -> np.ndarray:
@@ -51,7 +52,8 @@ def default_queries(attention_mask: np.ndarray, answer_mask: np.ndarray | None) 
 
 
 @partial(jax.jit, static_argnames=("impl", "grid_hw"))
-def _attention_jit(model, ids, pixels, mask, qpos, qvalid, groups, img_pos, cells, head_max, *, impl, grid_hw):
+def _attention_jit(model, ids, pixels, mask, qpos, qvalid, groups, img_rows, img_pos, cells, head_max, *, impl,
+                   grid_hw):
     out = forward_core(model, ids, pixels, mask, impl=impl, attn_rows=qpos)
     p = out.attn_rows  # (L, B, H, Q, T) float32
     a = jnp.where(head_max, jnp.max(p, axis=2), jnp.mean(p, axis=2))  # (L, B, Q, T)
@@ -59,8 +61,8 @@ def _attention_jit(model, ids, pixels, mask, qpos, qvalid, groups, img_pos, cell
     q_shares = mass / jnp.sum(mass, axis=-1, keepdims=True)
     w = qvalid / jnp.sum(qvalid, axis=-1, keepdims=True)  # (B, Q)
     shares = jnp.einsum("lbqg,bq->blg", q_shares, w)
-    img = jnp.take_along_axis(a, img_pos[None, :, None, :], axis=3)  # (L, B, Q, N)
-    img_map = jnp.einsum("lbqn,bq->bln", img, w)
+    img = jnp.take_along_axis(a[:, img_rows], img_pos[None, :, None, :], axis=3)  # (L, I, Q, N)
+    img_map = jnp.einsum("liqn,iq->iln", img, w[img_rows])
     q_shares = jnp.where(qvalid[None, :, :, None] > 0, q_shares, 0.0)
     return (shares, jnp.transpose(q_shares, (1, 0, 2, 3)), place_on_grid(img_map, cells, grid_hw),
             jnp.transpose(a, (1, 0, 2, 3)))
@@ -95,11 +97,12 @@ def attention_analysis(model, input_ids, pixel_values, query_mask=None, *, atten
     groups = np.stack([sp.system, sp.image, sp.user], axis=1).astype(np.float32)  # (B, 3, T)
     shares, q_shares, img, rows = _attention_jit(
         model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
-        jnp.asarray(qpos), jnp.asarray(qvalid, jnp.float32), jnp.asarray(groups), jnp.asarray(p.image_positions),
+        jnp.asarray(qpos), jnp.asarray(qvalid, jnp.float32), jnp.asarray(groups), jnp.asarray(p.image_rows),
+        jnp.asarray(p.image_positions),
         jnp.asarray(p.layout.cells), jnp.bool_(heads == "max"), impl=attn_impl, grid_hw=tuple(p.grid_hw))
     return AttentionResult(shares=np.asarray(shares), query_shares=np.asarray(q_shares), image_maps=np.asarray(img),
                            rows=np.asarray(rows), query_positions=qpos, query_mask=qvalid,
-                           group_masks=groups.astype(bool), grids=p.layout.grids)
+                           group_masks=groups.astype(bool), grids=p.layout.grids, image_rows=p.image_rows)
 
 
 def attention_shares(model, input_ids, pixel_values, query_mask=None, *, attention_mask=None, answer_mask=None,

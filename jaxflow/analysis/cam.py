@@ -41,17 +41,19 @@ METHODS = ("paper", "gradcam", "gradxact")
 
 @dataclasses.dataclass
 class CamResult:
-    """LLaVA-CAM maps of a batch. L = decoder layers, A = most answer tokens in a row."""
-    maps: dict  # method -> (B, L, gh, gw) float32 in [0, 1] (normalised per layer, thresholded)
-    raw: dict  # method -> (B, L, gh, gw) float32 >= 0, before normalisation (SmoothGrad: the average)
-    token_maps: dict | None  # method -> (B, A, L, gh, gw) per answer token (per_token=True), else None
-    token_raw: dict | None  # method -> (B, A, L, gh, gw) before normalisation
+    """LLaVA-CAM maps of a batch: one map per image (I images; with one image per row, I = B and image
+    b is row b's). L = decoder layers, A = most answer tokens in a row."""
+    maps: dict  # method -> (I, L, gh, gw) float32 in [0, 1] (normalised per layer, thresholded)
+    raw: dict  # method -> (I, L, gh, gw) float32 >= 0, before normalisation (SmoothGrad: the average)
+    token_maps: dict | None  # method -> (I, A, L, gh, gw) per answer token of the image's row (per_token=True)
+    token_raw: dict | None  # method -> (I, A, L, gh, gw) before normalisation
     token_mask: np.ndarray  # (B, A) bool: which entries are real answer tokens
     token_ids: np.ndarray  # (B, A) int32 answer token ids (0 where not real)
-    grids: np.ndarray  # (B, 2) int32 each row's own image grid (gh, gw): maps are zero outside it
+    grids: np.ndarray  # (I, 2) int32 each image's own grid (gh, gw): maps are zero outside it
     token_positions: np.ndarray  # (B, A) int32 answer token positions p in the sequence
     scores: np.ndarray  # (B, A) float32 each answer token's logit (log-prob) under teacher forcing
     # (with SmoothGrad: the mean over the noisy copies)
+    image_rows: np.ndarray | None = None  # (I,) int32 the row of each image
 
 
 def raw_cam(g, h, method: str, valid=None):
@@ -92,11 +94,12 @@ def noisy_copies(key, pixel_values, n: int, sigma, image_mean, image_std):
     return _noisy(key, pixel_values, n, sigma, image_mean, image_std, channel_axis=-3)
 
 
-def _site(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, *, per_token, token_batch,
-          impl):
-    """G and h at the image tokens for every layer from one backward.
+def _site(model, ids, pixels, mask, img_rows, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, *, per_token,
+          token_batch, impl):
+    """G and h at the image tokens for every layer from one backward. Image i's tokens are at
+    positions img_pos[i] (I, N) of row img_rows[i] (I,).
 
-    Returns g (L, B, N, D) — or (A, L, B, N, D) per answer token —, h (L, B, N, D), scores (B, A)."""
+    Returns g (L, I, N, D) — or (A, L, I, N, D) per answer token —, h (L, I, N, D), scores (B, A)."""
     t = model.config.text
     b, n_t = ids.shape
     delta0 = jnp.zeros((t.num_layers, b, n_t, t.hidden_size), jnp.float32)
@@ -106,8 +109,8 @@ def _site(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logpro
         s = target_scores(model, out.hidden, tgt_pos, tgt_tok, tgt_valid, logprob)  # (B, A)
         return s, out.captures["mlp_in"]
 
-    def at_image(x):  # (L, B, T, D) -> (L, B, N, D)
-        return jnp.take_along_axis(x, img_pos[None, :, :, None], axis=2)
+    def at_image(x):  # (L, B, T, D) -> (L, I, N, D)
+        return x[:, img_rows[:, None], img_pos]
 
     if per_token:
         s, vjp, h = jax.vjp(f, delta0, has_aux=True)
@@ -129,19 +132,19 @@ def _site(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logpro
 
 
 @partial(jax.jit, static_argnames=("per_token", "smooth_n", "smooth_batch", "token_batch", "impl", "grid_hw"))
-def _cam_jit(model, ids, pixels, mask, img_pos, img_valid, cells, tgt_pos, tgt_tok, tgt_valid, logprob, key, sigma,
+def _cam_jit(model, ids, pixels, mask, img_rows, img_pos, img_valid, cells, tgt_pos, tgt_tok, tgt_valid, logprob, key, sigma,
              mean, std, threshold, *, per_token, smooth_n, smooth_batch, token_batch, impl, grid_hw):
     """Every method's maps (they cost nothing next to the backward, so one compilation serves all)."""
     def raw_maps(pix):
-        g, h, s = _site(model, ids, pix, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob,
+        g, h, s = _site(model, ids, pix, mask, img_rows, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob,
                         per_token=per_token, token_batch=token_batch, impl=impl)
         out = {}
         for m in METHODS:
             if per_token:
-                out["tok_" + m] = raw_cam(g, h[None], m, img_valid)  # (A, L, B, N)
+                out["tok_" + m] = raw_cam(g, h[None], m, img_valid)  # (A, L, I, N)
                 out[m] = raw_cam(g.sum(0), h, m, img_valid)  # the all-token score's gradient is the sum
             else:
-                out[m] = raw_cam(g, h, m, img_valid)  # (L, B, N)
+                out[m] = raw_cam(g, h, m, img_valid)  # (L, I, N): each image pools its own tokens
         return out, s
 
     if smooth_n:
@@ -152,7 +155,7 @@ def _cam_jit(model, ids, pixels, mask, img_pos, img_valid, cells, tgt_pos, tgt_t
         out, s = raw_maps(pixels)
     res = {}
     for name, r in out.items():
-        r = place_on_grid(jnp.moveaxis(r, -2, 0), cells, grid_hw)  # (B, L, gh, gw) or (B, A, L, gh, gw)
+        r = place_on_grid(jnp.moveaxis(r, -2, 0), cells, grid_hw)  # (I, L, gh, gw) or (I, A, L, gh, gw)
         res["raw_" + name] = r
         res["norm_" + name] = normalize_cam(r.reshape(*r.shape[:-2], -1), threshold).reshape(r.shape)
     return res, s
@@ -179,7 +182,8 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
                attn_impl: str = "fused", **image_kw) -> CamResult:
     """LLaVA-CAM for several methods (one forward and backward serves them all), every layer.
 
-    input_ids (B, T) with the image tokens of one image per row; pixel_values (B, 3, H, W) float32
+    input_ids (B, T) with the image tokens of one or more images per row (each image gets its own maps,
+    its channel weights pooled over its own tokens); pixel_values as the family's processor gives them, float32
     preprocessed; answer_mask (B, T) bool marks the answer tokens (at least one per row) that follow the
     prompt; attention_mask (B, T) (left or right padding). score "logit" or "logprob". threshold zeroes
     normalised values below it. per_token adds one map per answer token (jax.vmap over cotangents;
@@ -188,8 +192,8 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
     pixels went through; `smooth_batch` bounds how many copies run at once). Compiled once per input
     shape and (per_token, smooth_n, smooth_batch, token_batch, attn_impl); returns numpy arrays.
     image_kw: the family's image arguments (InternVL: tile_grids, one (rows, cols) per image, to
-    stitch the tiles' maps into the original image's layout). Maps lie on each row's image grid
-    (`CamResult.grids`; rows with smaller grids are zero outside theirs).
+    stitch the tiles' maps into the original image's layout; Qwen2-VL: image_grid_thw). Maps lie on each
+    image's own grid (`CamResult.grids`; smaller images are zero outside theirs).
     """
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     _check(methods, threshold, smooth_n, smooth_sigma)
@@ -198,7 +202,8 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
                 attn_impl=attn_impl, **image_kw)
     tgt_pos, tgt_tok, tgt_valid, ans_pos = answer_targets(p.input_ids, p.spans.answer)
     res, s = _cam_jit(model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
-                      jnp.asarray(p.image_positions), jnp.asarray(p.image_valid), jnp.asarray(p.layout.cells),
+                      jnp.asarray(p.image_rows), jnp.asarray(p.image_positions), jnp.asarray(p.image_valid),
+                      jnp.asarray(p.layout.cells),
                       jnp.asarray(tgt_pos), jnp.asarray(tgt_tok),
                       jnp.asarray(tgt_valid), logprob, jax.random.PRNGKey(int(seed)), jnp.float32(smooth_sigma),
                       jnp.asarray(image_mean, jnp.float32), jnp.asarray(image_std, jnp.float32),
@@ -211,7 +216,7 @@ def llava_cams(model, input_ids, pixel_values, answer_mask, methods=METHODS, *, 
                      token_maps=pick("norm_tok_") if per_token else None,
                      token_raw=pick("raw_tok_") if per_token else None, token_mask=tgt_valid,
                      token_ids=tgt_tok, grids=p.layout.grids, token_positions=np.where(tgt_valid, ans_pos, 0).astype(np.int32),
-                     scores=np.asarray(s, np.float32))
+                     scores=np.asarray(s, np.float32), image_rows=p.image_rows)
 
 
 def llava_cam(model, input_ids, pixel_values, answer_mask, method: str = "paper", *, attention_mask=None,
@@ -245,14 +250,15 @@ def llava_cam_per_token(model, input_ids, pixel_values, answer_mask, method: str
 
 
 @partial(jax.jit, static_argnames=("impl",))
-def _site_jit(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, *, impl):
-    g, h, s = _site(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, per_token=False,
+def _site_jit(model, ids, pixels, mask, img_rows, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, *, impl):
+    g, h, s = _site(model, ids, pixels, mask, img_rows, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, per_token=False,
                     token_batch=None, impl=impl)
     return jnp.swapaxes(g, 0, 1), jnp.swapaxes(h, 0, 1).astype(jnp.float32), s.sum(-1)
 
 
 @partial(jax.jit, static_argnames=("impl",))
-def _site_one_layer_jit(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, layer, *, impl):
+def _site_one_layer_jit(model, ids, pixels, mask, img_rows, img_pos, tgt_pos, tgt_tok, tgt_valid, logprob, layer, *,
+                        impl):
     """One layer's G and h: a delta at that layer only, one forward and one backward (the loop's unit)."""
     t = model.config.text
     b, n_t = ids.shape
@@ -266,13 +272,14 @@ def _site_one_layer_jit(model, ids, pixels, mask, img_pos, tgt_pos, tgt_tok, tgt
         return s.sum(), h
 
     g, h = jax.grad(f, has_aux=True)(jnp.zeros((b, n_t, t.hidden_size), jnp.float32))
-    take = lambda x: jnp.take_along_axis(x, img_pos[:, :, None], axis=1)  # noqa: E731
+    take = lambda x: x[img_rows[:, None], img_pos]  # noqa: E731  (B, T, D) -> (I, N, D)
     return take(g), take(h).astype(jnp.float32)
 
 
 def cam_site(model, input_ids, pixel_values, answer_mask, *, attention_mask=None, score: str = "logit",
              per_layer_loop: bool = False, attn_impl: str = "fused", **image_kw):
-    """The CAM site values: (G, h), each (B, L, N, D) float32 at the N image tokens of every layer.
+    """The CAM site values: (G, h), each (I, L, N, D) float32 at the N tokens of each image (I = B with
+    one image per row; `prepare(...).image_rows` says which row an image lies in), every layer.
 
     G = ds/dh where h is the MLP input (post_attention_layernorm output). By default from one backward
     pass; per_layer_loop=True computes each layer with its own forward and backward (the reference
@@ -283,7 +290,8 @@ def cam_site(model, input_ids, pixel_values, answer_mask, *, attention_mask=None
                 attn_impl=attn_impl, **image_kw)
     tgt_pos, tgt_tok, tgt_valid, _ = answer_targets(p.input_ids, p.spans.answer)
     args = (model, jnp.asarray(p.input_ids), p.images, jnp.asarray(p.attention_mask),
-            jnp.asarray(p.image_positions), jnp.asarray(tgt_pos), jnp.asarray(tgt_tok), jnp.asarray(tgt_valid),
+            jnp.asarray(p.image_rows), jnp.asarray(p.image_positions), jnp.asarray(tgt_pos), jnp.asarray(tgt_tok),
+            jnp.asarray(tgt_valid),
             logprob)
     if not per_layer_loop:
         g, h, _ = _site_jit(*args, impl=attn_impl)

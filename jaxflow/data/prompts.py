@@ -260,8 +260,10 @@ def token_spans(
     """Compute the S/T/U/A token groups of a batch from its ids (pure numpy).
 
     input_ids: (B, T); attention_mask: (B, T), 1 = real token (None = all real);
-    answer_mask: (B, T) bool or None (no answer tokens). Every row needs one
-    contiguous block of image tokens, else ValueError naming the row.
+    answer_mask: (B, T) bool or None (no answer tokens). Every row needs an image
+    token, else ValueError naming the row. S: the tokens before the row's first
+    image token; T: the image tokens (of every image of the row); U: the other
+    non-answer tokens after the first image token (text between images included).
     """
     input_ids = np.asarray(input_ids)  # (B, T)
     if input_ids.ndim != 2:
@@ -284,17 +286,11 @@ def token_spans(
         idx = np.flatnonzero(image[b])
         if idx.size == 0:
             raise ValueError(f"row {b} has no image token (id {image_token_id})")
-        start, end = int(idx[0]), int(idx[-1]) + 1
-        if idx.size != end - start:
-            raise ValueError(
-                f"row {b}: image tokens are not contiguous ({idx.size} image tokens spread over "
-                f"positions {start}..{end - 1})"
-            )
-        image_start[b], image_end[b] = start, end
+        image_start[b], image_end[b] = int(idx[0]), int(idx[-1]) + 1
 
     pos = np.arange(width)[None, :]  # (1, T)
     system = real & (pos < image_start[:, None])  # (B, T)
-    user = real & (pos >= image_end[:, None]) & ~answer  # (B, T)
+    user = real & (pos > image_start[:, None]) & ~image & ~answer  # (B, T)
     return TokenSpans(
         system=system,
         image=image,

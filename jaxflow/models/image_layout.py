@@ -3,7 +3,8 @@
 A family describes one image's tokens with an `ImageGeometry`: the image's grid (rows, columns of
 the map drawn over the original image) and, for each of its tokens in sequence order, the flat cell
 (row * grid_w + column) it covers, or -1 for a token that is not spatial (CLS, a thumbnail tile).
-`image_layout` finds each row's image block in the ids and pairs it with its geometry. Analyses work
+`image_layout` finds each image's tokens in the ids (a row may hold several images) and pairs them with
+the image's geometry. Analyses work
 per image token inside jit and place values on the grids with `place_on_grid`, so nothing square
 is assumed by a family-agnostic analysis.
 """
@@ -45,67 +46,76 @@ def tiled_geometry(tile_side: int, rows: int, cols: int, thumbnail: bool) -> Ima
 
 @dataclasses.dataclass(frozen=True)
 class ImageLayout:
-    """The image tokens of a batch with one image per row (host side, numpy)."""
-    positions: np.ndarray  # (B, N) int32 sequence position of each image token (N = most in a row)
-    valid: np.ndarray  # (B, N) bool: a real image token (False: padding of shorter rows)
-    cells: np.ndarray  # (B, N) int32 flat cell on the batch grid `grid_hw` (row r, column c of the row's own
+    """The images of a batch, one entry per image (row-major: the images of row 0, then row 1, ...;
+    a row may hold several). Host side, numpy. I = images, N = most tokens of one image."""
+    positions: np.ndarray  # (I, N) int32 sequence position of each image token in its row
+    valid: np.ndarray  # (I, N) bool: a real image token (False: padding of smaller images)
+    cells: np.ndarray  # (I, N) int32 flat cell on the batch grid `grid_hw` (row r, column c of the image's own
     # grid -> r * GW + c); -1 = not spatial or padding
-    grids: np.ndarray  # (B, 2) int32 each row's grid (gh, gw)
-    image_start: np.ndarray  # (B,) int32 first image token
-    image_end: np.ndarray  # (B,) int32 one past the last image token
+    grids: np.ndarray  # (I, 2) int32 each image's grid (gh, gw)
+    rows: np.ndarray  # (I,) int32 the batch row each image lies in
 
     @property
     def grid_hw(self) -> tuple[int, int]:
-        """The largest grid: per-row maps are placed on it (top-left aligned, zeros outside)."""
+        """The largest grid: per-image maps are placed on it (top-left aligned, zeros outside)."""
         return int(self.grids[:, 0].max()), int(self.grids[:, 1].max())
 
-    def crop(self, maps: np.ndarray, row: int) -> np.ndarray:
-        """(..., GH, GW) padded maps of `row` -> (..., gh, gw) on the row's own grid."""
-        gh, gw = (int(x) for x in self.grids[row])
+    def crop(self, maps: np.ndarray, image: int) -> np.ndarray:
+        """(..., GH, GW) padded maps of image `image` -> (..., gh, gw) on its own grid."""
+        gh, gw = (int(x) for x in self.grids[image])
         return maps[..., :gh, :gw]
 
 
 def image_layout(input_ids, attention_mask, image_token_id: int, geometries) -> ImageLayout:
-    """Pairs each row's one contiguous image-token block with its geometry (one per row, in order).
+    """Pairs the image tokens of the batch with the images' geometries (one per image, in row-major
+    order): each row's image tokens are taken in sequence order, each image's count (its geometry's
+    token count) at a time, and each image's tokens must be one contiguous run.
 
-    Raises ValueError naming the row when a row has no block, a broken block, or a block whose
-    length differs from its geometry's token count.
+    Raises ValueError naming the row when a row has no image token, or when the rows' image tokens
+    and the images' token counts do not match.
     """
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
     b = ids.shape[0]
-    if len(geometries) != b:
-        raise ValueError(f"{len(geometries)} images for {b} rows: the analyses need one image per row")
-    blocks = []
+    blocks, rows = [], []
+    g = 0
     for r in range(b):
         idx = np.flatnonzero((ids[r] == image_token_id) & (mask[r] > 0))
         if idx.size == 0:
             raise ValueError(f"row {r} has no image token (id {image_token_id})")
-        if idx[-1] - idx[0] + 1 != idx.size:
-            raise ValueError(f"row {r}: image tokens are not contiguous ({idx.size} image tokens spread over "
-                             f"positions {idx[0]}..{idx[-1]})")
-        if idx.size != geometries[r].cells.size:
-            raise ValueError(f"row {r} holds {idx.size} image tokens but its image gives "
-                             f"{geometries[r].cells.size}")
-        blocks.append(idx)
-    n = max(x.size for x in blocks)
-    positions = np.zeros((b, n), np.int32)
-    valid = np.zeros((b, n), bool)
-    cells = np.full((b, n), -1, np.int32)
-    grids = np.asarray([g.grid for g in geometries], np.int32).reshape(b, 2)
+        i = 0
+        while i < idx.size:
+            if g >= len(geometries):
+                raise ValueError(f"row {r} holds more image tokens than the {len(geometries)} images give")
+            n = geometries[g].cells.size
+            run = idx[i:i + n]
+            if run.size != n or run[-1] - run[0] + 1 != n:
+                raise ValueError(f"row {r}: image {g} needs {n} contiguous image tokens; the row's image tokens "
+                                 f"from position {idx[i]} do not form such a run ({idx.size - i} left)")
+            blocks.append(run)
+            rows.append(r)
+            g += 1
+            i += n
+    if g != len(geometries):
+        raise ValueError(f"{len(geometries)} images for the {g} image-token blocks of {b} rows")
+    n_max = max(x.size for x in blocks)
+    count = len(blocks)
+    positions = np.zeros((count, n_max), np.int32)
+    valid = np.zeros((count, n_max), bool)
+    cells = np.full((count, n_max), -1, np.int32)
+    grids = np.asarray([geo.grid for geo in geometries], np.int32).reshape(count, 2)
     gw_all = int(grids[:, 1].max())
-    for r, idx in enumerate(blocks):
-        positions[r, :idx.size], positions[r, idx.size:] = idx, idx[-1]
-        valid[r, :idx.size] = True
-        own = geometries[r].cells
-        rr, cc = np.divmod(own, geometries[r].grid[1])
-        cells[r, :idx.size] = np.where(own >= 0, rr * gw_all + cc, -1)
-    return ImageLayout(positions, valid, cells, grids, np.asarray([x[0] for x in blocks], np.int32),
-                       np.asarray([x[-1] + 1 for x in blocks], np.int32))
+    for i, idx in enumerate(blocks):
+        positions[i, :idx.size], positions[i, idx.size:] = idx, idx[-1]
+        valid[i, :idx.size] = True
+        own = geometries[i].cells
+        rr, cc = np.divmod(own, geometries[i].grid[1])
+        cells[i, :idx.size] = np.where(own >= 0, rr * gw_all + cc, -1)
+    return ImageLayout(positions, valid, cells, grids, np.asarray(rows, np.int32))
 
 
 def place_on_grid(x, cells, grid_hw: tuple[int, int]):
-    """Per-token values (B, ..., N) -> (B, ..., gh, gw) on the grid (traceable): token n of row b goes
-    to cell cells[b, n]; tokens with cell -1 are dropped; uncovered cells are 0. cells (B, N) int32."""
+    """Per-token values (I, ..., N) -> (I, ..., gh, gw) on the grid (traceable): token n of image i goes
+    to cell cells[i, n]; tokens with cell -1 are dropped; uncovered cells are 0. cells (I, N) int32."""
     gh, gw = grid_hw
     b, n = cells.shape
     flat = jnp.where(cells >= 0, cells, gh * gw)  # out of range: dropped
