@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
@@ -29,15 +28,18 @@ def model_view(pixels: np.ndarray, spec) -> Image.Image:
 
 
 def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=16, pad_square=False,
-             analyses=True, progress=print):
+             analyses=True, progress=print, overwrite=False):
     """Greedy answer + S/T/U/A spans (summary.json, model_input.png in `out`); with `analyses`, also
     every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`) and the truncation sweep
-    (`out/truncation`)."""
+    (`out/truncation`). `out` follows `jaxflow.outputs`: a folder holding files jaxflow did not write
+    is refused unless `overwrite`, and even then only jaxflow's own outputs are replaced."""
+    from jaxflow.outputs import check_out_dir
     from jaxflow.convert import CheckpointError
     from jaxflow.pipeline import check_pad_square
 
     if not question or not question.strip():
         raise DemoError("--question is empty")
+    final = check_out_dir(out, overwrite=overwrite, error=DemoError)
     if not os.path.isfile(image):
         raise DemoError(f"image not found: {image}")
     try:
@@ -56,12 +58,12 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
     batch, enc = encode(bundle, [image], [question], [ids] if ids else None, pad_square=pad_square,
                         with_images=True)
     spans = spans_summary(batch, bundle.config.image_token_id)
-    final = os.path.abspath(out)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    out = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=os.path.dirname(final))
+    from jaxflow.outputs import staging_dir
+
+    out = staging_dir(final, DemoError)
     try:
         return _write_demo(out, final, bundle, image, question, template, text, ids, batch, enc, spans,
-                           checkpoint, max_new_tokens, pad_square, analyses, progress)
+                           checkpoint, max_new_tokens, pad_square, analyses, progress, overwrite)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -78,7 +80,7 @@ def image_grid(bundle, batch, enc, row: int = 0) -> tuple[int, int]:
 
 
 def _write_demo(out, final, bundle, image, question, template, text, ids, batch, enc, spans, checkpoint,
-                max_new_tokens, pad_square, analyses, progress):
+                max_new_tokens, pad_square, analyses, progress, overwrite):
     from jaxflow.pipeline import image_token_count
     from jaxflow.viz.report import model_input_view
 
@@ -112,7 +114,7 @@ def _write_demo(out, final, bundle, image, question, template, text, ids, batch,
         result["truncation"] = {"out": os.path.join(result["out"], "truncation"), "cliff_layer": report.cliff,
                                 "answers": dict(zip(map(int, report.layers), report.answers))}
     write_json(os.path.join(out, "summary.json"), result)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(out, final)
+    from jaxflow.outputs import publish
+
+    publish(out, final, overwrite=overwrite, error=DemoError)
     return result

@@ -260,21 +260,6 @@ def spans_summary(batch: EncodedBatch, image_token_id: int) -> list[dict]:
     return [{g: (list(r) if r is not None else None) for g, r in row.items()} for row in spans.ranges()]
 
 
-def publish_dir(tmp: str, out: str, error=ValueError) -> None:
-    """Moves the finished files of the folder `tmp` into `out` (a rename when `out` does not exist yet;
-    into it, file by file, when it does). `error` is raised when `out` exists and is not a folder."""
-    import shutil
-
-    if not os.path.exists(out):
-        os.rename(tmp, out)
-        return
-    if not os.path.isdir(out):
-        raise error(f"--out {out} exists and is not a folder")
-    for name in sorted(os.listdir(tmp)):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_json(path: str, obj) -> None:
     """Writes JSON atomically (a temp file renamed into place)."""
     tmp = path + ".tmp"

@@ -44,6 +44,8 @@ flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square wi
                   "(original LLaVA eval)")
 flags.DEFINE_integer("seed", 0, "SmoothGrad noise seed")
 flags.DEFINE_string("out", "outputs/analyze", "output folder")
+flags.DEFINE_bool("overwrite", False, "write into an --out that holds files jaxflow did not write "
+                  "(they are kept: only jaxflow's own outputs are replaced)")
 FLAGS = flags.FLAGS
 
 
@@ -58,7 +60,7 @@ def main(argv):
                          smooth_n=FLAGS.smooth_n, smooth_sigma=FLAGS.smooth_sigma, threshold=FLAGS.threshold,
                          score=FLAGS.score, template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens,
                          pad_square=FLAGS.pad_square, heads=FLAGS.heads, queries=FLAGS.queries, layer=FLAGS.layer,
-                         max_token_maps=FLAGS.max_token_maps, seed=FLAGS.seed,
+                         max_token_maps=FLAGS.max_token_maps, seed=FLAGS.seed, overwrite=FLAGS.overwrite,
                          progress=lambda msg: print(msg, flush=True))
     except AnalyzeError as e:
         print(f"error: {e}", file=sys.stderr)

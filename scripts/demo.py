@@ -27,6 +27,8 @@ flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square wi
                   "(original LLaVA eval)")
 flags.DEFINE_bool("analyses", True, "also run LLaVA-CAM, attention shares, flows and the truncation sweep")
 flags.DEFINE_string("out", "outputs/demo", "output folder: summary.json, model_input.png, analysis/, truncation/")
+flags.DEFINE_bool("overwrite", False, "write into an --out that holds files jaxflow did not write "
+                  "(they are kept: only jaxflow's own outputs are replaced)")
 FLAGS = flags.FLAGS
 
 
@@ -39,7 +41,7 @@ def main(argv):
     try:
         result = run_demo(FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question, out=FLAGS.out,
                           template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens,
-                          pad_square=FLAGS.pad_square, analyses=FLAGS.analyses)
+                          pad_square=FLAGS.pad_square, analyses=FLAGS.analyses, overwrite=FLAGS.overwrite)
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

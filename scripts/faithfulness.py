@@ -27,6 +27,8 @@ flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: 
 flags.DEFINE_bool("pad_square", False, "LLaVA only: pad images to a square with the mean colour "
                   "(original LLaVA eval)")
 flags.DEFINE_string("out", "outputs/faithfulness", "output folder: summary.json, per_sample.npz, faithfulness.png")
+flags.DEFINE_bool("overwrite", False, "write into an --out that holds files jaxflow did not write "
+                  "(they are kept: only jaxflow's own outputs are replaced)")
 FLAGS = flags.FLAGS
 
 
@@ -39,7 +41,7 @@ def main(argv):
         result, files = run_faithfulness(FLAGS.checkpoint, out=FLAGS.out, n=FLAGS.n, seed=FLAGS.seed,
                                          methods=FLAGS.methods, boxes=FLAGS.boxes, image_dir=FLAGS.image_dir,
                                          batch_size=FLAGS.batch_size, pad_square=FLAGS.pad_square,
-                                         template=FLAGS.template)
+                                         template=FLAGS.template, overwrite=FLAGS.overwrite)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,6 +26,8 @@ flags.DEFINE_float("epsilon", 0.05, "cliff: smallest K after which P(first answe
 flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square with the mean colour "
                   "(original LLaVA eval)")
 flags.DEFINE_string("out", "outputs/truncation_sweep", "output folder: answers.json, sweep.png")
+flags.DEFINE_bool("overwrite", False, "write into an --out that holds files jaxflow did not write "
+                  "(they are kept: only jaxflow's own outputs are replaced)")
 FLAGS = flags.FLAGS
 
 
@@ -39,7 +41,7 @@ def main(argv):
         report, files = run_sweep_report(
             FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question, out=FLAGS.out,
             template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens, layers=FLAGS.layers,
-            keep_top_k=FLAGS.keep_top_k, epsilon=FLAGS.epsilon, pad_square=FLAGS.pad_square)
+            keep_top_k=FLAGS.keep_top_k, epsilon=FLAGS.epsilon, pad_square=FLAGS.pad_square, overwrite=FLAGS.overwrite)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from jaxflow.outputs import MANIFEST  # noqa: E402
 from PIL import Image
 
 from jaxflow import tiny
@@ -50,7 +52,7 @@ def test_writes_every_figure_and_file(default_run):
     for name in figures:
         _png_ok(out / name)
     _png_ok(out / "model_input.png", min_side=112)
-    assert sorted(os.listdir(out)) == s["files"] == sorted(figures + ["model_input.png", "arrays.npz",
+    assert sorted(f for f in os.listdir(out) if f != MANIFEST) == s["files"] == sorted(figures + ["model_input.png", "arrays.npz",
                                                                        "summary.json"])
     assert [p for p in os.listdir(root) if p != "out"] == []  # no temporary folder left behind
     # progress lines and the closing summary

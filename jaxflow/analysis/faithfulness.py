@@ -269,20 +269,20 @@ def read_box_samples(path: str, image_dir: str | None = None) -> list[BoxSample]
 def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, seed: int = 0,
                      methods=("paper", "gradcam", "gradxact"), boxes: str | None = None, image_dir: str | None = None,
                      batch_size: int = 16, pad_square: bool = False, template: str | None = None,
-                     progress: bool = True) -> tuple[FaithfulnessResult, list[str]]:
+                     progress: bool = True, overwrite: bool = False) -> tuple[FaithfulnessResult, list[str]]:
     """What scripts/faithfulness.py does: the samples (`n` held-out toy samples, or the `boxes` file),
     `faithfulness`, then summary.json, per_sample.npz and faithfulness.png written atomically into
     `out`. Raises ValueError on bad input (before anything is written)."""
     import shutil
-    import tempfile
 
     from jaxflow.convert import CheckpointError
-    from jaxflow.pipeline import load_bundle, publish_dir, write_json
+    from jaxflow.pipeline import load_bundle, write_json
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} exists and is not a folder")
+    from jaxflow.outputs import check_out_dir, publish, staging_dir
+
+    final = check_out_dir(out, overwrite=overwrite)
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     methods = tuple(methods)
@@ -303,10 +303,7 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
         raise ValueError(str(e)) from e
     result = faithfulness(bundle, samples, methods, batch_size=batch_size, pad_square=pad_square,
                           progress=progress)
-    final = os.path.abspath(out)
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    tmp = staging_dir(final)
     try:
         summary = dict(result.summary(), model=bundle.name, family=bundle.family, samples=source,
                        template=bundle.template)
@@ -315,7 +312,7 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
                  **{f"{m}_hits": result.hits[m] for m in methods}, **{f"{m}_energy": result.energies[m] for m in methods})
         plot_faithfulness(result, os.path.join(tmp, "faithfulness.png"),
                           title=f"{bundle.name}: LLaVA-CAM faithfulness ({result.n} samples)")
-        publish_dir(tmp, final)
+        publish(tmp, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -81,11 +81,12 @@ def _logsumexp(x):
 
 
 def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new_tokens=16, layers=None,
-                     keep_top_k=0, epsilon=0.05, pad_square=False) -> tuple[SweepReport, list[str]]:
-    """What scripts/truncation_sweep.py does: report + answers.json + sweep.png in `out` (atomically)."""
+                     keep_top_k=0, epsilon=0.05, pad_square=False, overwrite=False) -> tuple[SweepReport, list[str]]:
+    """What scripts/truncation_sweep.py does: report + answers.json + sweep.png in `out`, published by
+    `jaxflow.outputs` (a folder holding files jaxflow did not write is refused unless `overwrite`)."""
+    from jaxflow.outputs import check_out_dir, publish, staging_dir
     import os
     import shutil
-    import tempfile
 
     from jaxflow.convert import CheckpointError
     from jaxflow.pipeline import load_bundle, write_json
@@ -97,6 +98,7 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
         raise ValueError(f"image not found: {image}")
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    final = check_out_dir(out, overwrite=overwrite)
     try:
         layers = None if layers is None else [int(k) for k in layers]
     except ValueError as e:
@@ -107,18 +109,14 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
         raise ValueError(str(e)) from e
     report = sweep_report(bundle, image, question, max_new_tokens=max_new_tokens, layers=layers,
                           keep_top_k=keep_top_k, epsilon=epsilon, pad_square=pad_square)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".sweep-", dir=parent)
+    tmp = staging_dir(final)
     try:
         data = {"model": bundle.name, "family": bundle.family, "image": os.path.abspath(image),
                 "question": question, "keep_top_k": keep_top_k, "epsilon": epsilon, **report.to_json()}
         write_json(os.path.join(tmp, "answers.json"), data)
         plot_sweep_report(report, os.path.join(tmp, "sweep.png"),
                           title=f"{bundle.name}: {question!r} (cliff layer {report.cliff})")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        publish(tmp, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -37,7 +36,7 @@ from jaxflow.analysis.attention import attention_analysis
 from jaxflow.analysis.cam import METHODS, llava_cams
 from jaxflow.analysis.flow import FLOWS, information_flow
 from jaxflow.pipeline import answer as greedy_answer
-from jaxflow.pipeline import (check_pad_square, encode, image_token_count, load_bundle, publish_dir, spans_summary,
+from jaxflow.pipeline import (check_pad_square, encode, image_token_count, load_bundle, spans_summary,
                               write_json)
 
 QUERIES = ("predicting", "answer")
@@ -159,22 +158,21 @@ def _load_tokenizer(checkpoint):
     return load_tokenizer(checkpoint)
 
 
-def _publish(tmp: str, out: str) -> None:
-    """Moves the finished files of `tmp` into `out` (`pipeline.publish_dir`)."""
-    publish_dir(tmp, out, AnalyzeError)
-
-
 def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("paper", "gradcam"), smooth_n=0,
                  smooth_sigma=0.15, threshold=None, score="logit", template=None, max_new_tokens=8,
                  pad_square=False, heads="mean", queries="predicting", layer=None, max_token_maps=8, seed=0,
-                 progress=print) -> dict:
+                 progress=print, overwrite=False) -> dict:
     """Runs every analysis on one (image, question[, answer]) and writes figures, arrays.npz and
-    summary.json into `out`. Returns the summary dict. Raises AnalyzeError on bad input."""
+    summary.json into `out` (`jaxflow.outputs`: a folder holding files jaxflow did not write is refused
+    unless `overwrite`; an earlier run's outputs are replaced, none left stale). Returns the summary
+    dict. Raises AnalyzeError on bad input."""
+    from jaxflow.outputs import check_out_dir
     from jaxflow.convert import CheckpointError
     from jaxflow.viz import figures as V
 
     methods = tuple(methods)
     _check_inputs(image, question, methods, smooth_n, threshold, score, heads, queries, layer)
+    final = check_out_dir(out, overwrite=overwrite, error=AnalyzeError)
     t_start = time.time()
     say = progress or (lambda *_: None)
 
@@ -256,9 +254,9 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
     if len(qa) > 100:
         qa = qa[:97] + "..."
 
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    from jaxflow.outputs import publish, staging_dir
+
+    tmp = staging_dir(final, AnalyzeError)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; it becomes `out`
         step(f"writing figures and arrays to {out}")
@@ -332,7 +330,7 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
             "seconds": round(time.time() - t_start, 2),
         }
         write_json(os.path.join(tmp, "summary.json"), summary)
-        _publish(tmp, out)
+        publish(tmp, final, overwrite=overwrite, error=AnalyzeError)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
