@@ -346,3 +346,32 @@ def test_script_end_to_end_offline(tmp_path):
     # the same directory with other parameters is refused (before the model is loaded)
     bad = _script("--dataset=scienceqa", f"--out={out}", "--sweep=none")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "holds a different run" in bad.stderr
+
+
+def _tree_digest(root):
+    import hashlib
+
+    h = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            h[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return h
+
+
+def test_a_refused_run_changes_nothing(bundle, tmp_path):
+    """A second run with another seed is refused before it regenerates the toy data, whether the first
+    one has finished or is still running (holding the folder's lock), --overwrite or not."""
+    from jaxflow.evaluation.records import RunLock
+
+    out = tmp_path / "toy"
+    cfg = dict(options={"n": 6}, sweep="none", max_new_tokens=2)
+    run_evaluation(_cfg("toy_pope", out, seed=0, **cfg), bundle=bundle)
+    before = _tree_digest(out)
+    with pytest.raises(EvaluationError, match="seed"):
+        run_evaluation(_cfg("toy_pope", out, seed=1, **cfg), bundle=bundle)
+    assert _tree_digest(out) == before
+    with RunLock(str(out)):  # a run in progress
+        with pytest.raises(EvaluationError, match="another evaluation is running"):
+            run_evaluation(_cfg("toy_pope", out, seed=1, overwrite=True, **cfg), bundle=bundle)
+    assert _tree_digest(out) == before

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -59,17 +60,28 @@ def _leaves(tree: dict, prefix=()):
             yield prefix + (k,), v
 
 
-def _write_params(path: str, params) -> None:
-    """params: a nested dict, or an iterable of (path tuple, array) consumed one at a time."""
+def checksum(arr) -> str:
+    """CRC-32 of an array's bytes (C order), as 8 hex digits: written at conversion, checked at load."""
+    a = np.ascontiguousarray(np.asarray(arr))
+    return f"{zlib.crc32(a.reshape(-1).view(np.uint8)) & 0xFFFFFFFF:08x}"
+
+
+def _write_params(path: str, params) -> dict[str, str]:
+    """params: a nested dict, or an iterable of (path tuple, array) consumed one at a time. Returns
+    the checksum of every parameter by its dotted name."""
     import orbax.checkpoint as ocp
 
     items = _leaves(params) if isinstance(params, dict) else params
     os.makedirs(path)
+    sums = {}
     with ocp.StandardCheckpointer() as ckptr:
         for leaf_path, arr in items:
-            ckptr.save(os.path.join(os.path.abspath(path), ".".join(map(str, leaf_path))), {"value": arr})
+            name = ".".join(map(str, leaf_path))
+            sums[name] = checksum(arr)
+            ckptr.save(os.path.join(os.path.abspath(path), name), {"value": arr})
             ckptr.wait_until_finished()
             del arr
+    return sums
 
 
 def write_checkpoint(out: str, cfg_dict: dict, params: dict, dtype_name: str, *, source: str = "",
@@ -93,10 +105,10 @@ def write_checkpoint(out: str, cfg_dict: dict, params: dict, dtype_name: str, *,
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
-        _write_params(os.path.join(tmp, "params"), params)
+        sums = _write_params(os.path.join(tmp, "params"), params)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name, "source": source,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "checksums": sums}, f, indent=2)
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
             os.rename(out, os.path.join(old, "x"))
@@ -137,11 +149,14 @@ def read_marker(path: str) -> dict:
     return meta
 
 
-def load(path: str, dtype: str | None = None) -> VisionLanguageModel:
+def load(path: str, dtype: str | None = None, *, verify: bool = True) -> VisionLanguageModel:
     """Restores a model written by scripts/convert_checkpoint.py (or `save_model`), of any family
     (`model.family` names it).
 
     dtype: None keeps the stored dtype; "float32"/"bfloat16"/"float16" casts after loading.
+    verify: check every parameter against the checksum written at conversion (a corrupt or
+    bit-flipped file) and for NaN / Inf values (a broken model); CheckpointError names the first bad
+    parameter. Costs about a second per GB of weights on the host.
     """
     import orbax.checkpoint as ocp
 
@@ -154,19 +169,44 @@ def load(path: str, dtype: str | None = None) -> VisionLanguageModel:
     stored = DTYPES.get(meta.get("dtype", "float32"), jnp.float32)
     graphdef, state, target = abstract_params(cfg, stored)
     want = DTYPES[dtype] if dtype is not None else None
+    sums = meta.get("checksums") or {} if verify else {}
+    finite: list[tuple[str, jax.Array]] = []  # (name, all-finite flag) checked in one sync at the end
     restored: dict = {}
     with ocp.StandardCheckpointer() as ckptr:
         for leaf_path, spec in _leaves(target):  # one parameter at a time: host memory ~ 1x the weights
             item = os.path.join(path, "params", ".".join(map(str, leaf_path)))
             try:
+                stored_shape = tuple(ckptr.metadata(item).item_metadata.tree["value"].shape)
+            except Exception:  # noqa: BLE001 - metadata layouts differ between orbax versions: restore decides
+                stored_shape = tuple(spec.shape)
+            if stored_shape != tuple(spec.shape):
+                raise CheckpointError(f"{path}: parameter {'.'.join(map(str, leaf_path))} is stored as "
+                                      f"{stored_shape} but config.json implies {tuple(spec.shape)} (a config.json "
+                                      "whose sizes disagree with the arrays): restore the checkpoint's own config.json")
+            try:
                 arr = ckptr.restore(item, {"value": spec})["value"]
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-                raise CheckpointError(f"cannot restore {item}: {e}") from e
+                first = " ".join(str(e).split())[:300]
+                raise CheckpointError(f"cannot restore parameter {'.'.join(map(str, leaf_path))} of {path} (corrupt "
+                                      f"file, or a config.json whose sizes disagree with it?): {first}") from e
+            name = ".".join(map(str, leaf_path))
+            if name in sums and checksum(arr) != sums[name]:
+                raise CheckpointError(f"{path}: parameter {name} does not match the checksum written at conversion "
+                                      "(the file is corrupt): convert the checkpoint again")
             node = restored
             for k in leaf_path[:-1]:
                 node = node.setdefault(k, {})
-            node[leaf_path[-1]] = jnp.asarray(arr, want) if want is not None else jnp.asarray(arr)
+            x = jnp.asarray(arr, want) if want is not None else jnp.asarray(arr)
+            node[leaf_path[-1]] = x
+            if verify and jnp.issubdtype(x.dtype, jnp.floating):
+                finite.append((name, jnp.isfinite(x).all()))
             del arr
+    if finite:
+        ok = np.asarray(jnp.stack([f for _, f in finite]))
+        if not ok.all():
+            bad = finite[int(np.argmin(ok))][0]
+            raise CheckpointError(f"{path}: parameter {bad} holds NaN or Inf values: the model is broken "
+                                  "(re-convert it from a good source)")
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     return model

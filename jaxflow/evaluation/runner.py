@@ -385,7 +385,8 @@ def _template(cfg: EvalConfig) -> str:
 
 def run_params(cfg: EvalConfig, ds, max_new_tokens: int, num_layers: int | None = None) -> dict:
     """The parameters that decide the predictions (what run.json records and a resume must match).
-    Without num_layers (before the model is loaded) the model-dependent entries are left out."""
+    Without num_layers (before the model is loaded) the model-dependent entries are left out; with
+    ds None (before the data is read) the data-dependent ones."""
     fixtures = cfg.data_dir is None
     params = {
         "dataset": cfg.dataset,
@@ -402,9 +403,9 @@ def run_params(cfg: EvalConfig, ds, max_new_tokens: int, num_layers: int | None 
         "template": _template(cfg),
         "pad_square": bool(cfg.pad_square),
         "dtype": cfg.dtype,
-        "n_items": len(ds),
-        "items_sha256": _items_digest(ds.items),
     }
+    if ds is not None:
+        params.update(n_items=len(ds), items_sha256=_items_digest(ds.items))
     if num_layers is not None:
         layers = resolve_layers(cfg.sweep, num_layers)
         params["num_layers"] = int(num_layers)
@@ -419,53 +420,25 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
     (info: batch, n_batches, items_done, n_items, records_written); an exception raised there stops
     the run like a kill would (the batches written so far stay)."""
     from jaxflow.metrics import PRIMARY_METRIC
-    from jaxflow.pipeline import load_bundle
 
     check_config(cfg)
     _template(cfg)  # a missing embedded checkpoint fails here, before anything is written
     out = cfg.out or default_out(cfg)
-    os.makedirs(out, exist_ok=True)
-    ds = _load_data(cfg, out)
     max_new = int(cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[cfg.dataset])
-    if not cfg.overwrite:  # refuse a different run before spending time on loading the model
-        precheck_run_dir(out, run_params(cfg, ds, max_new))
-    if bundle is None:
-        from jaxflow.convert import CheckpointError
-
-        try:
-            bundle = load_bundle(cfg.checkpoint, template=_template(cfg), dtype=cfg.dtype)
-        except CheckpointError as e:
-            raise EvaluationError(str(e)) from None
-    elif bundle.template != _template(cfg):
-        bundle = dataclasses.replace(bundle, template=_template(cfg))
-    L = int(bundle.config.text.num_layers)
-    layers = resolve_layers(cfg.sweep, L)
-    record_layers = layers if layers is not None else [L]
-    params = run_params(cfg, ds, max_new, L)
-    items = ds.items
-    files = {"predictions": os.path.join(out, PREDICTIONS), "run": os.path.join(out, "run.json"),
-             "summary_json": os.path.join(out, "summary.json"), "summary_csv": os.path.join(out, "summary.csv"),
-             "figure": os.path.join(out, CURVE_PNG)}
-
+    # A refused run changes nothing: its settings are compared with the folder's run before the lock,
+    # and the generated data sets are (re)written only under the lock, after the data-independent
+    # settings have been checked again.
+    if not cfg.overwrite:
+        precheck_run_dir(out, run_params(cfg, None, max_new))
+    os.makedirs(out, exist_ok=True)
     with RunLock(out):
-        info = open_run_dir(out, params, overwrite=cfg.overwrite, extra={"batch_size": int(cfg.batch_size)})
-        with PredictionLog(files["predictions"]) as plog:
-            ids = {it.id for it in items}
-            stray = [r for r in plog.records if r["id"] not in ids or int(r["K"]) not in record_layers]
-            if stray:
-                raise EvaluationError(f"{files['predictions']} has records of other items or layers (e.g. id "
-                                      f"{stray[0]['id']!r}, K {stray[0]['K']}): use --overwrite to start over")
-            lengths = prompt_lengths(bundle, items)
-            plan = plan_batches(lengths, cfg.batch_size)
-            todo = [b for b in plan if any((items[i].id, k) not in plog.done for i in b for k in record_layers)]
-            n_done = len(items) - sum(len(b) for b in todo)
-            if info["resumed"]:
-                log.info("%s: resuming: %d of %d items done, %d batch(es) to go", out, n_done, len(items), len(todo))
-            t0 = time.perf_counter()
-            skipped = _run_batches(cfg, bundle, items, todo, layers, record_layers, max_new, plog, n_done,
-                                   on_batch)
-            seconds = time.perf_counter() - t0
-            records = list(plog.records)
+        if not cfg.overwrite:
+            precheck_run_dir(out, run_params(cfg, None, max_new))
+        ds = _load_data(cfg, out)
+        if not cfg.overwrite:  # refuse a different run before spending time on loading the model
+            precheck_run_dir(out, run_params(cfg, ds, max_new))
+        records, skipped, seconds, todo, bundle, params, record_layers, files, items, L = _evaluate_locked(
+            cfg, out, ds, max_new, bundle, on_batch)
 
     done = unique_records(records)
     scored = [it for it in items if all((it.id, k) in done for k in record_layers)]
@@ -484,6 +457,48 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
     plot_curve(summary, files["figure"])
     n_run = sum(len(b) for b in todo)
     return EvalResult(summary=summary, out=out, files=files, items_run=n_run, seconds=seconds, skipped=skipped)
+
+
+def _evaluate_locked(cfg, out, ds, max_new, bundle, on_batch):
+    """The part of `run_evaluation` that runs under the run folder's lock: load the model, open the
+    run folder, run the batches still to do. Returns what the summary needs."""
+    from jaxflow.pipeline import load_bundle
+
+    if bundle is None:
+        from jaxflow.convert import CheckpointError
+
+        try:
+            bundle = load_bundle(cfg.checkpoint, template=_template(cfg), dtype=cfg.dtype)
+        except CheckpointError as e:
+            raise EvaluationError(str(e)) from None
+    elif bundle.template != _template(cfg):
+        bundle = dataclasses.replace(bundle, template=_template(cfg))
+    L = int(bundle.config.text.num_layers)
+    layers = resolve_layers(cfg.sweep, L)
+    record_layers = layers if layers is not None else [L]
+    params = run_params(cfg, ds, max_new, L)
+    items = ds.items
+    files = {"predictions": os.path.join(out, PREDICTIONS), "run": os.path.join(out, "run.json"),
+             "summary_json": os.path.join(out, "summary.json"), "summary_csv": os.path.join(out, "summary.csv"),
+             "figure": os.path.join(out, CURVE_PNG)}
+    info = open_run_dir(out, params, overwrite=cfg.overwrite, extra={"batch_size": int(cfg.batch_size)})
+    with PredictionLog(files["predictions"]) as plog:
+        ids = {it.id for it in items}
+        stray = [r for r in plog.records if r["id"] not in ids or int(r["K"]) not in record_layers]
+        if stray:
+            raise EvaluationError(f"{files['predictions']} has records of other items or layers (e.g. id "
+                                  f"{stray[0]['id']!r}, K {stray[0]['K']}): use --overwrite to start over")
+        lengths = prompt_lengths(bundle, items)
+        plan = plan_batches(lengths, cfg.batch_size)
+        todo = [b for b in plan if any((items[i].id, k) not in plog.done for i in b for k in record_layers)]
+        n_done = len(items) - sum(len(b) for b in todo)
+        if info["resumed"]:
+            log.info("%s: resuming: %d of %d items done, %d batch(es) to go", out, n_done, len(items), len(todo))
+        t0 = time.perf_counter()
+        skipped = _run_batches(cfg, bundle, items, todo, layers, record_layers, max_new, plog, n_done, on_batch)
+        seconds = time.perf_counter() - t0
+        records = list(plog.records)
+    return records, skipped, seconds, todo, bundle, params, record_layers, files, items, L
 
 
 def _prepare_checked(cfg, bundle, batch_items, rows, skip_bad):
