@@ -1,15 +1,17 @@
 """LLaVA-CAM cost: all L layers from one backward vs one plain forward vs a per-layer loop, one run.
 
-    python benchmarks/bench_cam.py [--family llava|internvl --tiles 1|3 --answer_tokens 4 --text_tokens 64
+    python benchmarks/bench_cam.py [--family llava|internvl|qwen2_vl --tiles 1|3 --answer_tokens 4 --text_tokens 64
                                     --repeats 3 --loop_repeats 1 --threads 2 --no_extras --no_loop]
 
 Model: a shared bench config (benchmarks/common.py), random weights (a torch model saved with
 save_pretrained and pushed through jaxflow's real converter). --family llava (default): LLaVA-1.5
 structure, 32 decoder layers of width 256, 576 image tokens, vocab 32064. --family internvl: InternVL3
 structure, 28 Qwen2 layers of width 256, one image of --tiles 448 px tiles (256 tokens each), vocab
-151674 (the maps are stitched onto the tile grid: 1x1, or 1x2 + thumbnail). Input: one row of the image
-tokens + --text_tokens text tokens, the last --answer_tokens of which are the answer (teacher-forced
-target).
+151674 (the maps are stitched onto the tile grid: 1x1, or 1x2 + thumbnail). --family qwen2_vl: Qwen2-VL
+structure, 28 Qwen2 layers of width 256 with M-RoPE, vocab 151936; the row holds one 672 px image
+(48x48 patches -> 576 tokens; batch 1 takes the first of the config's two image sizes), every call
+given image_grid_thw. Input: one row of the image tokens + --text_tokens text tokens, the last
+--answer_tokens of which are the answer (teacher-forced target).
 
 Timed, all through public functions (host-side validation, host<->device copies included), each the
 median of --repeats runs (the loop: --loop_repeats, default 1) after a warm-up (compile) run, in rounds (forward, CAM, loop, ...) so that
@@ -42,18 +44,28 @@ if REPO not in sys.path:
 from benchmarks import common  # noqa: E402  (imports neither jax nor torch)
 
 
-def _one_loop_layer(model, ids, pix, mask, amask):
-    """One unit of the per-layer loop (compiles it): layer 0's gradient from its own forward and backward."""
+def _one_loop_layer(model, ids, pix, mask, amask, image_kw=None):
+    """One unit of the per-layer loop (compiles it): layer 0's gradient from its own forward and backward,
+    called with the arguments `cam_site(..., per_layer_loop=True)` gives it (matched by parameter name,
+    so trees with and without its `img_rows` argument both work)."""
+    import inspect
+
     import jax.numpy as jnp
 
     from jaxflow.analysis._common import answer_targets, prepare
     from jaxflow.analysis.cam import _site_one_layer_jit
 
-    p = prepare(model, ids, pix, mask, amask, require_answer=True)
+    p = prepare(model, ids, pix, mask, amask, require_answer=True, **(image_kw or {}))
     tp, tt, tv, _ = answer_targets(p.input_ids, p.spans.answer)
-    return _site_one_layer_jit(model, jnp.asarray(p.input_ids), jnp.asarray(p.pixel_values),
-                               jnp.asarray(p.attention_mask), jnp.asarray(p.image_positions), jnp.asarray(tp),
-                               jnp.asarray(tt), jnp.asarray(tv), jnp.bool_(False), jnp.int32(0), impl="fused")
+    by_name = {"model": model, "ids": jnp.asarray(p.input_ids), "pixels": p.images,
+               "mask": jnp.asarray(p.attention_mask), "img_pos": jnp.asarray(p.image_positions),
+               "tgt_pos": jnp.asarray(tp), "tgt_tok": jnp.asarray(tt), "tgt_valid": jnp.asarray(tv),
+               "logprob": jnp.bool_(False), "layer": jnp.int32(0)}
+    if hasattr(p, "image_rows"):
+        by_name["img_rows"] = jnp.asarray(p.image_rows)
+    names = [n for n, q in inspect.signature(_site_one_layer_jit).parameters.items()
+             if q.kind is q.POSITIONAL_OR_KEYWORD]
+    return _site_one_layer_jit(*(by_name[n] for n in names), impl="fused")
 
 
 def main():
@@ -82,11 +94,11 @@ def main():
         print("building the bench model (torch, random weights) and converting it ...", flush=True)
         model = common.build_jaxflow_model(common.build_torch_model("eager", config=cfg), work)
     build_s = time.perf_counter() - t0
-    ids, mask, pix = cfg.inputs(batch=1, text_tokens=args.text_tokens)
+    ids, mask, pix, image_kw = cfg.inputs_kw(batch=1, text_tokens=args.text_tokens)
     amask = common.answer_mask(ids, args.answer_tokens)
     n_layers = model.config.text.num_layers
 
-    cases = common.cam_cases(model, ids, pix, mask, amask, extras=not args.no_extras)
+    cases = common.cam_cases(model, ids, pix, mask, amask, extras=not args.no_extras, image_kw=image_kw)
     if args.no_loop:
         del cases["loop"]
     first = {}
@@ -94,7 +106,7 @@ def main():
         print(f"compiling {name} ...", flush=True)
         t = time.perf_counter()
         if name == "loop":  # one layer compiles the loop's unit; a whole warm-up loop would cost L passes
-            common._block(_one_loop_layer(model, ids, pix, mask, amask))
+            common._block(_one_loop_layer(model, ids, pix, mask, amask, image_kw))
         else:
             common._block(fn())
         first[name] = time.perf_counter() - t
@@ -112,7 +124,8 @@ def main():
 
     rel = None
     if "loop" in last:
-        g1, _ = cam_site(model, ids, pix, amask, attention_mask=mask)  # single backward vs the timed loop's output
+        # single backward vs the timed loop's output
+        g1, _ = cam_site(model, ids, pix, amask, attention_mask=mask, **image_kw)
         g2, _ = last["loop"]
         rel = float(np.abs(g1 - g2).max() / np.abs(g2).max())
     with_loop = "loop" in med

@@ -1,7 +1,7 @@
 """Forward throughput: jaxflow (jit, fp32, CPU; fused and reference attention) vs transformers torch
 (eager and sdpa attention), same weights, same inputs, one run.
 
-    python benchmarks/bench_forward.py [--family llava|internvl --tiles 1|3 --batch 4 --text_tokens 64
+    python benchmarks/bench_forward.py [--family llava|internvl|qwen2_vl --tiles 1|3 --batch 4 --text_tokens 64
                                         --repeats 5 --threads 2 --frameworks ... --no-breakdown]
 
 Model: a shared bench config (benchmarks/common.py), random weights. --family llava (default):
@@ -9,8 +9,14 @@ LLaVA-1.5 structure, 32 decoder layers of width 256, 576 image tokens per image,
 rows of 576 + text_tokens tokens (default 4 x 640 = 2560 tokens) and B images of 336x336. --family
 internvl: InternVL3 structure (InternViT on 448 px tiles -> 256 tokens per tile, Qwen2 28 layers of
 width 256, vocab 151674); input B rows of 256 * tiles + text_tokens tokens (default 4 x 320) and one
-image of --tiles tiles per row (1, or 3 = 1x2 + thumbnail). Throughput = B*T / median seconds of a
-full forward (all logits). The goal (common.GOALS), printed next to the table: jaxflow-fused faster
+image of --tiles tiles per row (1, or 3 = 1x2 + thumbnail). --family qwen2_vl: Qwen2-VL structure
+(ViT with 2x2 merge, Qwen2 28 layers of width 256 with M-RoPE, vocab 151936); one image per row, rows
+alternating 576-token (48x48 patches) and 324-token (36x36) images, the latter rows left-padded, so B
+rows of 576 + text_tokens tokens (padding included); pixel_values are packed patches with
+image_grid_thw, and torch also gets mm_token_type_ids. Throughput = B*T / median seconds of a full
+forward (all logits; T counts padding). Logit differences are taken over real tokens only (padded
+queries attend to nothing real, and each framework fills them differently). The goal (common.GOALS),
+printed next to the table: jaxflow-fused faster
 than torch-sdpa. Each framework lives in its own fresh 'spawn' subprocess (so its peak RSS,
 ru_maxrss of that child, is its own) that loads the model once; the timed runs are then taken in
 rounds, one run per framework per round with the order rotated, so background load that drifts during
@@ -28,7 +34,11 @@ Rows with "+malloc" run the same framework in a worker started with common.TUNED
 unmapping them, which saves re-faulting the pages of big temporaries on every call); their ratios
 are against the torch rows with the same setting. --breakdown (default on) then times the pieces
 (vision tower + projector, decoder layers, lm_head) of jaxflow-fused and torch-sdpa in the same
-workers, again in interleaved rounds, after the peak RSS has been read.
+workers, again in interleaved rounds, after the peak RSS has been read. For qwen2_vl the jaxflow
+pieces take the host-built image input (`model.image_inputs`: packed patches, the tower's packing
+arrays, the M-RoPE positions), the vision piece is `model.encode_images` and the decoder piece gets
+the 3-D positions; torch's vision piece is `get_image_features(pixel_values, image_grid_thw)` and its
+decoder piece gets `get_rope_index`'s 3-D position_ids.
 
 torch runs with use_cache=False under torch.inference_mode() (jaxflow's forward builds no KV cache
 either). jaxflow is timed through the public `jaxflow.forward` (host-side input validation and the
@@ -87,15 +97,16 @@ def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path, family=
     torch.set_num_threads(threads)
     rss_import = common.current_rss_mb()
     model = common.load_torch_model(hf_dir, attn)
-    ids, mask, px = common.bench_config(family, tiles).inputs(batch, text_tokens)
-    ids, mask, px = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)
+    cfg = common.bench_config(family, tiles)
+    kw = cfg.torch_inputs(*cfg.inputs_kw(batch, text_tokens))  # input_ids, attention_mask, pixel_values (+ ...)
+    ids, mask, px = kw["input_ids"], kw["attention_mask"], kw["pixel_values"]
     rss_loaded = common.current_rss_mb()
 
     def run():
         with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=False).logits
+            return model(**kw, use_cache=False).logits
 
-    _S.update(run=run, model=model, inputs=(ids, mask, px))
+    _S.update(run=run, model=model, inputs=(ids, mask, px), torch_kw=kw)
     t0 = time.perf_counter()
     logits = run()
     first = time.perf_counter() - t0
@@ -113,13 +124,13 @@ def _setup_jaxflow(ckpt, impl, batch, text_tokens, logits_path, family="llava", 
 
     rss_import = common.current_rss_mb()
     model = jaxflow.load(ckpt)
-    ids, mask, px = common.bench_config(family, tiles).inputs(batch, text_tokens)
+    ids, mask, px, image_kw = common.bench_config(family, tiles).inputs_kw(batch, text_tokens)
     rss_loaded = common.current_rss_mb()
 
     def run():
-        return jaxflow.forward(model, ids, px, mask, attn_impl=impl).logits
+        return jaxflow.forward(model, ids, px, mask, attn_impl=impl, **image_kw).logits
 
-    _S.update(run=run, model=model, impl=impl, inputs=(ids, mask, px))
+    _S.update(run=run, model=model, impl=impl, inputs=(ids, mask, px), image_kw=image_kw)
     t0 = time.perf_counter()
     logits = jax.block_until_ready(run())
     first = time.perf_counter() - t0
@@ -139,24 +150,31 @@ def _time_once(name: str = "run") -> tuple[float, float]:
 
 def _setup_breakdown_jaxflow() -> list[str]:
     """Worker (a jaxflow one, after its main measurement): jit each piece of the forward on its own,
-    compile it, and register it for `_time_once(name)`. Returns the piece names."""
+    compile it, and register it for `_time_once(name)`. Returns the piece names. Families with image
+    arguments (Qwen2-VL's image_grid_thw) get the host-built image input (`model.image_inputs`) in
+    every piece: the vision piece is `encode_images`, the decoder piece takes its M-RoPE positions."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import jaxflow
 
     F = importlib.import_module("jaxflow.forward")  # the module (jaxflow.forward is also a function)
-    model, impl = _S["model"], _S["impl"]
+    model, impl, image_kw = _S["model"], _S["impl"], _S["image_kw"]
+    ids_np, mask_np, px_np = _S["inputs"]
     ids, mask, px = (jnp.asarray(a) for a in _S["inputs"])
     ids, mask = ids.astype(jnp.int32), mask.astype(jnp.int32)
+    if image_kw:  # the family's image input (packed pixels + derived arrays), built on the host as forward does
+        px = model.image_inputs(ids_np.astype(np.int32), mask_np.astype(np.int32), px_np, **image_kw)
+    pos_images = px if image_kw else None  # what positions() reads (Qwen2-VL: the M-RoPE positions)
 
     @jax.jit
     def vision(m, px):
-        return m.image_features(px, impl)
+        return m.encode_images(px, impl) if image_kw else m.image_features(px, impl)
 
     @jax.jit
-    def layers(m, x, ids, mask):
-        pos = m.positions(ids, mask)
+    def layers(m, x, ids, mask, pos_images):
+        pos = m.positions(ids, mask) if pos_images is None else m.positions(ids, mask, pos_images)
         cos, sin = m.rope_tables(pos, x.dtype)
         t = ids.shape[1]
         allowed = F.causal_allowed(mask > 0, jnp.broadcast_to(jnp.arange(t), ids.shape), t)
@@ -171,14 +189,18 @@ def _setup_breakdown_jaxflow() -> list[str]:
         return F.forward_core(m, ids, px, mask, impl=impl).logits
 
     x = jax.jit(lambda m, ids, px: m.embed(ids, px, impl))(model, ids, px)
-    h = layers(model, x, ids, mask)
+    h = layers(model, x, ids, mask, pos_images)
     pieces = {
         "vision tower + projector": lambda: vision(model, px),
-        "decoder layers": lambda: layers(model, x, ids, mask),
+        "decoder layers": lambda: layers(model, x, ids, mask, pos_images),
         "final norm + lm_head": lambda: head(model, h),
         "forward_core, device inputs": lambda: full(model, ids, px, mask),
-        "jaxflow.forward (public)": lambda: jaxflow.forward(model, ids, px, mask, attn_impl=impl),
     }
+    if image_kw:  # the public entry point takes the processor's arrays, not the built image input
+        pieces["jaxflow.forward (public)"] = lambda: jaxflow.forward(model, ids_np, px_np, mask_np, attn_impl=impl,
+                                                                     **image_kw)
+    else:
+        pieces["jaxflow.forward (public)"] = lambda: jaxflow.forward(model, ids, px, mask, attn_impl=impl)
     for name, fn in pieces.items():
         jax.block_until_ready(fn())  # compile
         _S[name] = fn
@@ -186,23 +208,32 @@ def _setup_breakdown_jaxflow() -> list[str]:
 
 
 def _setup_breakdown_torch() -> list[str]:
-    """Worker (a torch one, after its main measurement): the same pieces in transformers."""
+    """Worker (a torch one, after its main measurement): the same pieces in transformers. Qwen2-VL:
+    the vision piece gets image_grid_thw, the decoder piece `get_rope_index`'s 3-D position_ids."""
     import torch
 
     model = _S["model"]
     ids, mask, px = _S["inputs"]
+    kw = _S["torch_kw"]
+    grid = kw.get("image_grid_thw")
     inner = model.model
     with torch.inference_mode():
-        h = inner(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=False).last_hidden_state
+        h = inner(**kw, use_cache=False).last_hidden_state
         embeds = inner.get_input_embeddings()(ids)
+        dec_kw = {}
+        if grid is not None:
+            dec_kw["position_ids"], _ = inner.get_rope_index(ids, mm_token_type_ids=kw["mm_token_type_ids"],
+                                                             image_grid_thw=grid, attention_mask=mask)
 
     def vision():
         with torch.inference_mode():
+            if grid is not None:
+                return inner.get_image_features(pixel_values=px, image_grid_thw=grid)
             return inner.get_image_features(pixel_values=px)
 
     def decoder():
         with torch.inference_mode():
-            return inner.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            return inner.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **dec_kw)
 
     def head():
         with torch.inference_mode():
@@ -233,18 +264,25 @@ def _timed_rounds(calls: dict, repeats: int, label: str = "round") -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def _diffs(paths: dict, ref: str) -> dict:
+def _diffs(paths: dict, ref: str, real=None) -> dict:
+    """Logit differences against `ref`; real (B, T) bool, when given, restricts them to real tokens."""
     import numpy as np
 
-    base = np.load(paths[ref], mmap_mode="r")
+    def load(p):
+        a = np.load(p, mmap_mode="r")
+        return a if real is None else a[real]  # (B, T, V) or (real tokens, V)
+
+    base = load(paths[ref])
     scale = float(np.abs(base).max())
     out = {"reference": ref, "reference_max_abs_logit": scale}
+    if real is not None:
+        out["compared"] = f"{int(real.sum())} real tokens of {real.size} (padding left out)"
     for name, p in paths.items():
         if name == ref:
             continue
-        d = np.abs(np.load(p, mmap_mode="r") - base)
+        d = np.abs(load(p) - base)
         out[name] = {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
-                     "argmax_agreement": float((np.load(p, mmap_mode="r").argmax(-1) == base.argmax(-1)).mean())}
+                     "argmax_agreement": float((load(p).argmax(-1) == base.argmax(-1)).mean())}
     return out
 
 
@@ -277,9 +315,13 @@ def main(argv=None):
     t_start = time.perf_counter()
     seq = cfg.seq_len(args.text_tokens)
     tokens = args.batch * seq
+    if cfg.image_grids:
+        images = ", ".join(f"{h * common.PATCH_SIZE}x{w * common.PATCH_SIZE} px" for _, h, w in
+                           (cfg.image_grids[b % len(cfg.image_grids)] for b in range(args.batch)))
+    else:
+        images = f"{args.batch * cfg.tiles} x {cfg.image_size} px"
     print(f"bench config {cfg.name}: {cfg.describe()}\ninput {args.batch} x {seq} tokens + {args.batch} image(s) "
-          f"({args.batch * cfg.tiles} x {cfg.image_size} px); threads {args.threads}; repeats {args.repeats}",
-          flush=True)
+          f"({images}); threads {args.threads}; repeats {args.repeats}", flush=True)
 
     prep, _ = common.run_isolated(_build_and_save, workdir, cfg.family, cfg.tiles)
     conv, conv_rss = common.run_isolated(_convert, prep["hf_dir"], workdir)
@@ -348,7 +390,8 @@ def main(argv=None):
             w.close()
 
     ref = "torch-eager" if "torch-eager" in logits_paths else next(iter(logits_paths))
-    diffs = _diffs(logits_paths, ref)
+    real = cfg.inputs_kw(args.batch, args.text_tokens)[1] > 0
+    diffs = _diffs(logits_paths, ref, None if real.all() else real)
 
     # ---------------------------------------------------------------- report
     def ratio(a, b):  # b: the torch baseline in the same malloc setting as a
@@ -370,7 +413,8 @@ def main(argv=None):
               f"{(f'{rs:.2f}' if rs else '-'):>6s} {(f'{re_:.2f}' if re_ else '-'):>6s} {comp:>9s} "
               f"{r['peak_rss_mb']:12.0f} {d:11.2e}")
     print(f"(s/forward = median wall, best = min wall, cpu = median process CPU s over all threads; logit "
-          f"diffs vs {ref}; max |logit| there {diffs['reference_max_abs_logit']:.3f}; ratios are "
+          f"diffs vs {ref}{' over real tokens' if 'compared' in diffs else ''}; max |logit| there "
+          f"{diffs['reference_max_abs_logit']:.3f}; ratios are "
           "tokens/s of the row over torch-sdpa / torch-eager run with the same malloc setting; +malloc = "
           f"{' '.join(f'{k}={v}' for k, v in common.TUNED_MALLOC_ENV.items())})")
     goal = common.GOALS["jaxflow_forward_over_torch_sdpa_speed_min"]

@@ -1,10 +1,12 @@
 """Truncation sweep cost on a bench config, measured side by side in one run.
 
-    python benchmarks/bench_sweep.py [--family llava|internvl --tiles 1|3 --batch 4 --text_tokens 64
+    python benchmarks/bench_sweep.py [--family llava|internvl|qwen2_vl --tiles 1|3 --batch 4 --text_tokens 64
                                       --new_tokens 16 --repeats 3 --threads 2 --skip_generation --skip_loops]
 
 Prints, for the bench config (common.py; default LLaVA: 32 decoder layers, 576 image tokens, ~64 text
-tokens, batch 4; --family internvl: 28 decoder layers, 256 image tokens per 448 px tile, vocab 151674):
+tokens, batch 4; --family internvl: 28 decoder layers, 256 image tokens per 448 px tile, vocab 151674;
+--family qwen2_vl: 28 decoder layers with M-RoPE, rows alternating 576- and 324-token images (the
+latter left-padded), vocab 151936, every call given image_grid_thw):
 - the full (L+1)-variant sweep (`jaxflow.truncation_sweep`) / one plain forward, next to its goal
   (common.GOALS: <= 3x), and the speed-up over looping the reference path (`jaxflow.forward(...,
   truncate_at=K)` for K = 0..L);
@@ -44,8 +46,8 @@ def setup(kind: str, batch: int, text_tokens: int, new_tokens: int, family: str 
     returns its seconds."""
     cfg = common.bench_config(family, tiles)
     model = common.random_jaxflow_model(cfg)
-    ids, mask, pix = cfg.inputs(batch, text_tokens)
-    _S["fn"] = common.sweep_cases(model, ids, pix, mask, new_tokens)[kind]
+    ids, mask, pix, image_kw = cfg.inputs_kw(batch, text_tokens)
+    _S["fn"] = common.sweep_cases(model, ids, pix, mask, new_tokens, image_kw=image_kw)[kind]
     t0 = time.perf_counter()
     _S["fn"]()
     return time.perf_counter() - t0

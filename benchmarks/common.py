@@ -19,9 +19,22 @@ the real vocabulary. Every benchmark takes `--family` (and `--tiles` for InternV
             row      [7 system tokens, <img>, 256 * tiles image tokens, </img>, text]; one image per row
                      of `tiles` tiles (1, or 3 = 1x2 tiles + the thumbnail); pixel_values (B * tiles,
                      3, 448, 448)
+  qwen2_vl  Qwen2-VL structure (Qwen2VLForConditionalGeneration), images of two sizes, 576 and 324 tokens
+            decoder  Qwen2 (q/k/v biases), 28 layers, hidden 256, 4 heads of 64, 2 kv heads, MLP 1024,
+                     vocab 151936 (Qwen2-VL's), untied embeddings, M-RoPE (theta 1e6, sections [8, 12, 12])
+            vision   Qwen2-VL ViT, patch 14, temporal patch 2, embed 128, 4 layers, 4 heads, MLP ratio 4;
+                     2x2 patch merger to 256 (= the decoder width); packed patches, attention per image
+            row      [left padding, 7 system tokens, <|vision_start|>, image tokens, <|vision_end|>, text];
+                     one image per row, rows alternating image_grid_thw (1, 48, 48) -> 576 tokens (672 px)
+                     and (1, 36, 36) -> 324 tokens (504 px), the 324-token rows left-padded to the longest;
+                     pixel_values (total patches, 3*2*14*14) and image_grid_thw (B, 3) int64
 
 `bench_config(family, tiles)` returns a `BenchConfig` with everything a benchmark needs (the
-transformers config, the torch class, the inputs, the header line). Weights are random (no download
+transformers config, the torch class, the inputs, the header line). `BenchConfig.inputs_kw` gives the
+inputs of any family as (input_ids, attention_mask, pixel_values, image_kw), image_kw being the
+family's image arguments for jaxflow's entry points ({} for LLaVA and InternVL, {"image_grid_thw": ...}
+for Qwen2-VL); `BenchConfig.torch_inputs` turns them into transformers' forward kwargs; `inputs`
+(LLaVA and InternVL only) is the older 3-tuple. Weights are random (no download
 ever). `build_torch_model` makes the transformers model, `build_jaxflow_model` pushes the same weights
 through the real converter (save_pretrained -> jaxflow.convert_checkpoint -> jaxflow.load), so both
 frameworks hold identical parameters; `random_jaxflow_model` is a jaxflow-initialised model of the
@@ -84,7 +97,33 @@ INTERNVL_TOP = dict(image_token_id=INTERNVL_IMAGE_TOKEN_ID, image_seq_length=INT
                     downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
                     vision_feature_select_strategy="default", tie_word_embeddings=True)
 
-FAMILIES = ("llava", "internvl")
+# ----- the Qwen2-VL bench config (Qwen2-VL ids: <|vision_start|> 151652, <|vision_end|> 151653, <|image_pad|> 151655)
+QWEN2VL_VOCAB_SIZE = 151936
+QWEN2VL_IMAGE_TOKEN_ID = 151655
+QWEN2VL_VIDEO_TOKEN_ID = 151656
+QWEN2VL_VISION_START, QWEN2VL_VISION_END = 151652, 151653
+QWEN2VL_TEXT_ID_MAX = 151643  # ids below this are ordinary text tokens (151643 = <|endoftext|>, the pad)
+QWEN2VL_MERGE = 2
+QWEN2VL_GRIDS = ((1, 48, 48), (1, 36, 36))  # (t, h, w) patches of rows 0, 2, ... and 1, 3, ...: 576 and 324 tokens
+QWEN2VL_TEXT = dict(vocab_size=QWEN2VL_VOCAB_SIZE, hidden_size=256, intermediate_size=1024, num_hidden_layers=28,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+                    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, tie_word_embeddings=False)
+QWEN2VL_VISION = dict(depth=4, embed_dim=128, hidden_size=256, num_heads=4, mlp_ratio=4, in_channels=3,
+                      patch_size=PATCH_SIZE, spatial_merge_size=QWEN2VL_MERGE, temporal_patch_size=2,
+                      hidden_act="quick_gelu")
+QWEN2VL_TOP = dict(image_token_id=QWEN2VL_IMAGE_TOKEN_ID, video_token_id=QWEN2VL_VIDEO_TOKEN_ID,
+                   vision_start_token_id=QWEN2VL_VISION_START, vision_end_token_id=QWEN2VL_VISION_END,
+                   tie_word_embeddings=False)
+
+
+def qwen2vl_grid_tokens(grid) -> int:
+    """Image tokens of one (t, h, w) patch grid: t * h * w / merge^2."""
+    t, h, w = grid
+    return t * h * w // (QWEN2VL_MERGE * QWEN2VL_MERGE)
+
+
+FAMILIES = ("llava", "internvl", "qwen2_vl")
 INTERNVL_TILES = (1, 3)  # one tile, or 1x2 tiles + the thumbnail
 
 # the goals every benchmark prints next to its figures
@@ -100,25 +139,29 @@ GOALS = {"jaxflow_forward_over_torch_sdpa_speed_min": 1.0,  # tokens/s ratio: fa
 class BenchConfig:
     """One bench config: the model structure (by family) and the image layout of the inputs (tiles)."""
 
-    family: str  # "llava" | "internvl"
-    tiles: int  # pixel rows per image: 1 for LLaVA; InternVL 1, or 3 (1x2 tiles + thumbnail)
+    family: str  # "llava" | "internvl" | "qwen2_vl"
+    tiles: int  # pixel rows per image: 1 for LLaVA and Qwen2-VL; InternVL 1, or 3 (1x2 tiles + thumbnail)
     image_token_id: int
     vocab_size: int
     num_layers: int  # decoder layers L (the sweep has L + 1 variants)
-    image_size: int  # px of one image (LLaVA) or one tile (InternVL)
-    tokens_per_image: int  # image tokens in a row (one image per row)
-    prefix_len: int  # tokens before the image block (the system prompt; InternVL: ending with <img>)
+    image_size: int  # px of one image (LLaVA), one tile (InternVL), the largest image's side (Qwen2-VL)
+    tokens_per_image: int  # image tokens in a row (one image per row; Qwen2-VL: the largest image's)
+    prefix_len: int  # tokens before the image block (the system prompt; InternVL/Qwen2-VL: ending with <img>)
     text: dict
     vision: dict
     top: dict
+    image_grids: tuple = ()  # Qwen2-VL: the (t, h, w) patch grids that rows cycle through
 
     @property
     def name(self) -> str:
-        return self.family if self.family == "llava" else f"internvl-{self.tiles}tile{'s' if self.tiles > 1 else ''}"
+        if self.family != "internvl":
+            return self.family
+        return f"internvl-{self.tiles}tile{'s' if self.tiles > 1 else ''}"
 
     @property
     def torch_class_name(self) -> str:
-        return {"llava": "LlavaForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}[self.family]
+        return {"llava": "LlavaForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
+                "qwen2_vl": "Qwen2VLForConditionalGeneration"}[self.family]
 
     def torch_class(self):
         import transformers
@@ -135,6 +178,15 @@ class BenchConfig:
             return (f"LLaVA-1.5 structure: Llama {t['num_hidden_layers']} layers x {t['hidden_size']} wide, vocab "
                     f"{self.vocab_size}; CLIP {v['num_hidden_layers']} layers x {v['hidden_size']}, "
                     f"{self.image_size} px -> {self.tokens_per_image} image tokens per image")
+        if self.family == "qwen2_vl":
+            sizes = " and ".join(f"{h}x{w} patches ({h * PATCH_SIZE} px, {qwen2vl_grid_tokens((tt, h, w))} tokens)"
+                                 for tt, h, w in self.image_grids)
+            return (f"Qwen2-VL structure: Qwen2 {t['num_hidden_layers']} layers x {t['hidden_size']} wide "
+                    f"({t['num_attention_heads']} heads of {t['hidden_size'] // t['num_attention_heads']}, "
+                    f"{t['num_key_value_heads']} kv heads, MLP {t['intermediate_size']}, M-RoPE sections "
+                    f"{t['rope_parameters']['mrope_section']}), vocab {self.vocab_size}; ViT {v['depth']} layers x "
+                    f"{v['embed_dim']} ({v['num_heads']} heads), patch {v['patch_size']}, 2x2 merge -> "
+                    f"{v['hidden_size']}; one image per row, rows alternating {sizes}, left-padded")
         layout = "1 tile" if self.tiles == 1 else f"{self.tiles} tiles (1x{self.tiles - 1} + thumbnail)"
         return (f"InternVL structure: Qwen2 {t['num_hidden_layers']} layers x {t['hidden_size']} wide "
                 f"({t['num_attention_heads']} heads of {t['hidden_size'] // t['num_attention_heads']}, "
@@ -145,9 +197,12 @@ class BenchConfig:
 
     def report(self) -> dict:
         """The config as plain data for the JSON results."""
-        return {"name": self.name, "family": self.family, "tiles": self.tiles,
-                "tokens_per_image": self.tokens_per_image, "prefix_len": self.prefix_len,
-                "text": self.text, "vision": self.vision, "top": self.top}
+        out = {"name": self.name, "family": self.family, "tiles": self.tiles,
+               "tokens_per_image": self.tokens_per_image, "prefix_len": self.prefix_len,
+               "text": self.text, "vision": self.vision, "top": self.top}
+        if self.image_grids:
+            out["image_grids"] = [list(g) for g in self.image_grids]
+        return out
 
     def hf_config(self, **overrides):
         """The transformers config. Overrides: `text=dict(...)`, `vision=dict(...)`, or any top-level
@@ -160,19 +215,70 @@ class BenchConfig:
 
             return LlavaConfig(vision_config=CLIPVisionConfig(**vision).to_dict(),
                                text_config=LlamaConfig(**text).to_dict(), **top)
+        if self.family == "qwen2_vl":
+            from transformers import Qwen2VLConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+            return Qwen2VLConfig(vision_config=Qwen2VLVisionConfig(**vision).to_dict(),
+                                 text_config=Qwen2VLTextConfig(**text).to_dict(), **top)
         from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
         return InternVLConfig(vision_config=InternVLVisionConfig(**vision).to_dict(),
                               text_config=Qwen2Config(**text).to_dict(), **top)
 
+    def inputs_kw(self, batch: int = 4, text_tokens: int = 64, seed: int = 0):
+        """Any family: numpy (input_ids (B, T) int64, attention_mask (B, T) int64, pixel_values float32,
+        image_kw), T = tokens_per_image + text_tokens; image_kw is what jaxflow's entry points take besides
+        the pixels ({} for LLaVA and InternVL: then the first three are exactly `inputs(...)`).
+        Qwen2-VL: row b holds one image of grid image_grids[b % 2] ((1, 48, 48): 576 tokens, then
+        (1, 36, 36): 324 tokens) as [left padding (mask 0, id <|endoftext|>), 7 system tokens,
+        <|vision_start|>, image tokens, <|vision_end|>, text_tokens - 9 text tokens]; pixel_values
+        (total patches, 3 * 2 * 14 * 14) random normal, patches of row 0's image first;
+        image_kw = {"image_grid_thw": (B, 3) int64}."""
+        if self.family != "qwen2_vl":
+            return (*self.inputs(batch, text_tokens, seed), {})
+        if text_tokens < self.prefix_len + 2:
+            raise ValueError(f"text_tokens must be >= {self.prefix_len + 2} (the {self.prefix_len}-token "
+                             "system prefix, <|vision_end|> and text after the image)")
+        rng = np.random.RandomState(seed)
+        t = self.seq_len(text_tokens)
+        ids = rng.randint(3, QWEN2VL_TEXT_ID_MAX, size=(batch, t)).astype(np.int64)
+        mask = np.ones((batch, t), np.int64)
+        grids = np.array([self.image_grids[b % len(self.image_grids)] for b in range(batch)], np.int64)
+        for b, grid in enumerate(grids):
+            pad = self.tokens_per_image - qwen2vl_grid_tokens(grid)
+            ids[b, :pad], mask[b, :pad] = self.text["pad_token_id"], 0
+            start = pad + self.prefix_len  # first image token
+            ids[b, start - 1] = QWEN2VL_VISION_START
+            ids[b, start:start + qwen2vl_grid_tokens(grid)] = self.image_token_id
+            ids[b, start + qwen2vl_grid_tokens(grid)] = QWEN2VL_VISION_END
+        v = self.vision
+        patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
+        pixels = rng.randn(int(grids.prod(-1).sum()), patch_dim).astype(np.float32)
+        return ids, mask, pixels, {"image_grid_thw": grids}
+
+    def torch_inputs(self, ids, mask, pixels, image_kw) -> dict:
+        """The transformers forward's input kwargs (torch tensors) for `inputs_kw`'s arrays: input_ids,
+        attention_mask, pixel_values; Qwen2-VL also image_grid_thw and mm_token_type_ids (1 at image tokens)."""
+        import torch
+
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+               "pixel_values": torch.from_numpy(pixels)}
+        if self.family == "qwen2_vl":
+            out["image_grid_thw"] = torch.from_numpy(np.asarray(image_kw["image_grid_thw"], np.int64))
+            out["mm_token_type_ids"] = torch.from_numpy((ids == self.image_token_id).astype(np.int64))
+        return out
+
     def inputs(self, batch: int = 4, text_tokens: int = 64, seed: int = 0):
-        """numpy (input_ids (B, T) int64, attention_mask (B, T) int64 all ones, pixel_values float32),
+        """LLaVA and InternVL (Qwen2-VL needs image_grid_thw too: `inputs_kw`):
+        numpy (input_ids (B, T) int64, attention_mask (B, T) int64 all ones, pixel_values float32),
         T = tokens_per_image + text_tokens, one image per row after `prefix_len` tokens.
         LLaVA: [BOS, 7 system tokens, 576 image tokens, text]; pixel_values (B, 3, 336, 336).
         InternVL: [7 system tokens, <img>, 256 * tiles image tokens, </img>, text]; pixel_values
         (B * tiles, 3, 448, 448), row b's tiles at [b * tiles, (b + 1) * tiles).
         Text ids avoid the image token and the special ids; text_tokens must exceed prefix_len (+1 for
         InternVL's </img>)."""
+        if self.family == "qwen2_vl":
+            raise ValueError("qwen2_vl inputs carry image_grid_thw: use BenchConfig.inputs_kw")
         after_min = 1 if self.family == "llava" else 2  # a text token after the image (and </img>)
         if text_tokens < self.prefix_len + after_min:
             raise ValueError(f"text_tokens must be >= {self.prefix_len + after_min} (the {self.prefix_len}-token "
@@ -194,7 +300,8 @@ class BenchConfig:
 
 
 def bench_config(family: str = "llava", tiles: int = 1) -> BenchConfig:
-    """The bench config of `family` ("llava" or "internvl"); tiles: InternVL tiles per image (1 or 3)."""
+    """The bench config of `family` ("llava", "internvl" or "qwen2_vl"); tiles: InternVL tiles per image
+    (1 or 3)."""
     if family == "llava":
         if tiles != 1:
             raise ValueError("LLaVA takes one 336 px image per row (tiles must be 1)")
@@ -206,14 +313,23 @@ def bench_config(family: str = "llava", tiles: int = 1) -> BenchConfig:
         return BenchConfig("internvl", tiles, INTERNVL_IMAGE_TOKEN_ID, INTERNVL_VOCAB_SIZE,
                            INTERNVL_TEXT["num_hidden_layers"], INTERNVL_TILE, INTERNVL_TOKENS_PER_TILE * tiles,
                            SYSTEM_PREFIX_LEN, INTERNVL_TEXT, INTERNVL_VISION, INTERNVL_TOP)
+    if family == "qwen2_vl":
+        if tiles != 1:
+            raise ValueError("the Qwen2-VL bench config takes one image per row (tiles must be 1)")
+        return BenchConfig("qwen2_vl", 1, QWEN2VL_IMAGE_TOKEN_ID, QWEN2VL_VOCAB_SIZE, QWEN2VL_TEXT["num_hidden_layers"],
+                           max(g[1] for g in QWEN2VL_GRIDS) * PATCH_SIZE,
+                           max(qwen2vl_grid_tokens(g) for g in QWEN2VL_GRIDS), SYSTEM_PREFIX_LEN, QWEN2VL_TEXT,
+                           QWEN2VL_VISION, QWEN2VL_TOP, QWEN2VL_GRIDS)
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
 def add_config_args(ap):
     """--family / --tiles on an argparse parser (read back with `config_from_args`)."""
     ap.add_argument("--family", choices=FAMILIES, default="llava",
-                    help="bench config: llava (default; LLaVA-1.5 structure) or internvl (InternVL3 structure: "
-                    "InternViT on 448 px tiles, 256 tokens per tile, Qwen2 28 layers); see benchmarks/common.py")
+                    help="bench config: llava (default; LLaVA-1.5 structure), internvl (InternVL3 structure: "
+                    "InternViT on 448 px tiles, 256 tokens per tile, Qwen2 28 layers) or qwen2_vl (Qwen2-VL "
+                    "structure: images of 576 and 324 tokens in alternate rows, M-RoPE, Qwen2 28 layers); see "
+                    "benchmarks/common.py")
     ap.add_argument("--tiles", type=int, choices=INTERNVL_TILES, default=1,
                     help="internvl: tiles per image, 1 or 3 (1x2 tiles + thumbnail)")
     return ap
@@ -308,8 +424,9 @@ def random_jaxflow_model(config: BenchConfig | str | None = None, seed: int = 0)
 
 
 def bench_inputs(batch: int = 4, text_tokens: int = 64, seed: int = 0, config: BenchConfig | str | None = None):
-    """The bench config's numpy inputs (default LLaVA): input_ids (B, N + text_tokens) int64,
-    attention_mask all ones, pixel_values float32; see `BenchConfig.inputs`."""
+    """The bench config's numpy inputs (default LLaVA; LLaVA and InternVL only): input_ids (B, N +
+    text_tokens) int64, attention_mask all ones, pixel_values float32; see `BenchConfig.inputs`
+    (`BenchConfig.inputs_kw` for any family)."""
     return _as_config(config).inputs(batch, text_tokens, seed)
 
 
@@ -322,7 +439,7 @@ def results_path(benchmark: str, config: BenchConfig) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
 
 
-def sweep_cases(model, ids, pix, mask, new_tokens: int = 16) -> dict:
+def sweep_cases(model, ids, pix, mask, new_tokens: int = 16, image_kw: dict | None = None) -> dict:
     """bench_sweep's measurements on these inputs, as closures (public functions only, every output
     brought to the host as numpy, so the sweep pays for its (L+1, B, T_after, vocab) logits as the
     loop pays for L+1 gathers):
@@ -332,42 +449,49 @@ def sweep_cases(model, ids, pix, mask, new_tokens: int = 16) -> dict:
       generate             `jaxflow.generate`, new_tokens tokens
       truncation_generate  `jaxflow.truncation_generate`, all L+1 variants
       generate_loop        `jaxflow.generate(..., truncate_at=K)` for K = 0..L
-    Works with every jaxflow version that has these functions (bench_refactor runs it on old trees)."""
+    image_kw: the family's image arguments, passed to every call (`BenchConfig.inputs_kw`; Qwen2-VL:
+    image_grid_thw). Works with every jaxflow version that has these functions (bench_refactor runs it
+    on old trees; it passes no image_kw)."""
     import jaxflow
 
+    kw = dict(image_kw or {})
     L = model.config.text.num_layers
     after = np.arange(int(np.flatnonzero(ids[0] == model.config.image_token_id)[-1]) + 1, ids.shape[1])
 
-    def gen(**kw):
-        return jaxflow.generate(model, ids, pix, mask, max_new_tokens=new_tokens, eos_token_id=-1, **kw).tokens
+    def gen(**more):
+        return jaxflow.generate(model, ids, pix, mask, max_new_tokens=new_tokens, eos_token_id=-1, **more,
+                                **kw).tokens
 
     return {
-        "forward": lambda: np.asarray(jaxflow.forward(model, ids, pix, mask).logits),
-        "sweep": lambda: jaxflow.truncation_sweep(model, ids, pix, mask).logits,
-        "forward_loop": lambda: [np.asarray(jaxflow.forward(model, ids, pix, mask, truncate_at=k).logits[:, after])
-                                 for k in range(L + 1)],
+        "forward": lambda: np.asarray(jaxflow.forward(model, ids, pix, mask, **kw).logits),
+        "sweep": lambda: jaxflow.truncation_sweep(model, ids, pix, mask, **kw).logits,
+        "forward_loop": lambda: [np.asarray(jaxflow.forward(model, ids, pix, mask, truncate_at=k,
+                                                            **kw).logits[:, after]) for k in range(L + 1)],
         "generate": gen,
         "truncation_generate": lambda: jaxflow.truncation_generate(model, ids, pix, mask, max_new_tokens=new_tokens,
-                                                                   eos_token_id=-1).tokens,
+                                                                   eos_token_id=-1, **kw).tokens,
         "generate_loop": lambda: [gen(truncate_at=k) for k in range(L + 1)],
     }
 
 
-def cam_cases(model, ids, pix, mask, answer_mask, extras: bool = True) -> dict:
+def cam_cases(model, ids, pix, mask, answer_mask, extras: bool = True, image_kw: dict | None = None) -> dict:
     """bench_cam's measurements on these inputs (batch 1 there), as closures (public functions only):
       forward   `jaxflow.forward` (fused attention, all logits, on the device) -- the unit
       cam       `llava_cam(..., "paper")`: every layer's map from one forward and one backward
       loop      `cam_site(..., per_layer_loop=True)`: per layer its own forward and backward
       extras    cam_per_token, cam_smoothgrad4, attention_shares, information_flow
-    Works with every jaxflow version that has these functions (bench_refactor runs it on old trees)."""
+    image_kw: the family's image arguments, passed to every call (`BenchConfig.inputs_kw`; Qwen2-VL:
+    image_grid_thw). Works with every jaxflow version that has these functions (bench_refactor runs it
+    on old trees; it passes no image_kw)."""
     import jaxflow
     from jaxflow.analysis.cam import cam_site, llava_cam
 
+    kw = dict(image_kw or {})
     amask = answer_mask
     cases = {
-        "forward": lambda: jaxflow.forward(model, ids, pix, mask).logits,
-        "cam": lambda: llava_cam(model, ids, pix, amask, "paper", attention_mask=mask),
-        "loop": lambda: cam_site(model, ids, pix, amask, attention_mask=mask, per_layer_loop=True),
+        "forward": lambda: jaxflow.forward(model, ids, pix, mask, **kw).logits,
+        "cam": lambda: llava_cam(model, ids, pix, amask, "paper", attention_mask=mask, **kw),
+        "loop": lambda: cam_site(model, ids, pix, amask, attention_mask=mask, per_layer_loop=True, **kw),
     }
     if extras:
         from jaxflow.analysis.attention import attention_shares
@@ -375,11 +499,13 @@ def cam_cases(model, ids, pix, mask, answer_mask, extras: bool = True) -> dict:
         from jaxflow.analysis.flow import information_flow
 
         cases.update({
-            "cam_per_token": lambda: llava_cam_per_token(model, ids, pix, amask, "paper", attention_mask=mask)[0],
+            "cam_per_token": lambda: llava_cam_per_token(model, ids, pix, amask, "paper", attention_mask=mask,
+                                                         **kw)[0],
             "cam_smoothgrad4": lambda: llava_cams(model, ids, pix, amask, ("paper",), attention_mask=mask,
-                                                  smooth_n=4).maps["paper"],
-            "attention_shares": lambda: attention_shares(model, ids, pix, attention_mask=mask, answer_mask=amask),
-            "information_flow": lambda: information_flow(model, ids, pix, amask, attention_mask=mask).flows,
+                                                  smooth_n=4, **kw).maps["paper"],
+            "attention_shares": lambda: attention_shares(model, ids, pix, attention_mask=mask, answer_mask=amask,
+                                                         **kw),
+            "information_flow": lambda: information_flow(model, ids, pix, amask, attention_mask=mask, **kw).flows,
         })
     return cases
 
