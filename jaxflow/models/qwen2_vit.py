@@ -244,10 +244,11 @@ def check_grids(grid_thw, cfg: Qwen2VisionConfig) -> np.ndarray:
 
 
 def patch_positions(t: int, h: int, w: int, m: int) -> np.ndarray:
-    """(t*h*w, 2) (row, col) of one image's patches in spatial-merge-block order, frames repeated."""
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")  # (h, w)
-    block = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)  # (h*w,)
-    return np.tile(np.stack([block(rows), block(cols)], axis=-1), (t, 1))
+    """(t*h*w, 2) (row, col) of one image's patches in spatial-merge-block order, frames repeated: the
+    processor's patch order (`jaxflow.data.qwen2_vl_image.patch_positions`), once per frame."""
+    from jaxflow.data.qwen2_vl_image import patch_positions as frame_positions
+
+    return np.tile(frame_positions(h, w, m), (t, 1))
 
 
 def image_windows(t: int, h: int, w: int, m: int, win: int) -> tuple[np.ndarray, np.ndarray]:
