@@ -94,8 +94,8 @@ def forward_core(model: VisionLanguageModel, input_ids, images, attention_mask, 
     lm = model.language_model
     x = model.embed(input_ids, images, impl) if input_embeds is None else input_embeds
     positions = model.positions(input_ids, attention_mask, images)
-    cos, sin = model.rope_tables(positions, x.dtype)
     t = input_ids.shape[1]
+    cos, sin = model.rope_tables(positions, x.dtype, context_len=t)
     allowed = causal_allowed(attention_mask > 0, jnp.broadcast_to(jnp.arange(t), input_ids.shape), t)
     image_keys = input_ids == model.config.image_token_id
     if keep_image_mask is not None:

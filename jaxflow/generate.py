@@ -50,12 +50,13 @@ def stop_tokens(cfg, eos_token_id=None, pad_token_id=None) -> tuple[np.ndarray, 
 
 
 def decode_step(model: VisionLanguageModel, cache, tokens, positions, key_valid, write_index, *, impl, image_keys=None,
-                truncate_at=None):
+                truncate_at=None, context_len=None):
     """One cached step: tokens (B, 1) at positions (B, 1) (a generated token's position is the same on
-    every rotary axis), keys valid (B, S) -> logits (B, V), cache."""
+    every rotary axis), keys valid (B, S) -> logits (B, V), cache. context_len: the prompt's padded
+    length (static), whose RoPE scaling decoding keeps (Qwen-VL's dynamic NTK)."""
     lm = model.language_model
     x = lm.embed(tokens)
-    cos, sin = model.rope_tables(positions, x.dtype)
+    cos, sin = model.rope_tables(positions, x.dtype, context_len=context_len)
     slots = jnp.broadcast_to(write_index, tokens.shape)
     allowed = causal_allowed(key_valid, slots, key_valid.shape[1])
     out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
@@ -71,7 +72,7 @@ def _generate_jit(model, input_ids, images, attention_mask, eos_ids, pad_id, tru
     total = t + max_new_tokens
     x = model.embed(input_ids, images, impl)
     positions = model.positions(input_ids, attention_mask, images)
-    cos, sin = model.rope_tables(positions, x.dtype)
+    cos, sin = model.rope_tables(positions, x.dtype, context_len=t)
     key_valid = jnp.concatenate([attention_mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=1)
     allowed = causal_allowed(key_valid, jnp.broadcast_to(jnp.arange(t), (b, t)), total)
     image_keys = input_ids == model.config.image_token_id
@@ -94,7 +95,8 @@ def _generate_jit(model, input_ids, images, attention_mask, eos_ids, pad_id, tru
         step, tokens, done, cache = state
         prev = tokens[:, step - 1]
         logits, cache = decode_step(model, cache, prev[:, None], (next_pos + step - 1)[:, None], key_valid,
-                                    t + step - 1, impl=impl, image_keys=image_keys, truncate_at=truncate_at)
+                                    t + step - 1, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
+                                    context_len=t)
         tok = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
         tokens = tokens.at[:, step].set(tok)
         return step + 1, tokens, done | jnp.isin(tok, eos_ids), cache

@@ -211,7 +211,7 @@ def _sweep_core(model, ids, images, mask, text_idx, text_valid, image_start, ima
     n_img = image_max
     x = model.embed(ids, images, impl)
     positions = model.positions(ids, mask, images)  # (B, T) or (B, T, R)
-    cos_full, sin_full = model.rope_tables(positions, x.dtype)
+    cos_full, sin_full = model.rope_tables(positions, x.dtype, context_len=t)
     allowed = causal_allowed(mask > 0, jnp.broadcast_to(jnp.arange(t), (b, t)), t)
     bidx = jnp.arange(b)[:, None]
 
@@ -274,7 +274,8 @@ def _sweep_core(model, ids, images, mask, text_idx, text_valid, image_start, ima
         xs = {"layer": jax.tree.map(lambda a: a[l0:l1], state), "l": jnp.arange(l0, l1), "res": res[l0:l1],
               "pre_k": pre_k[l0:l1, :, :sl], "pre_v": pre_v[l0:l1, :, :sl]}
         ks_n, seq_n, valid_n = ks[:n], own_seq[:n], own_valid[:n]
-        cos, sin = model.rope_tables(own_pos[:n].reshape((n * b, q) + own_pos.shape[3:]), x.dtype)  # (n*B, Q, hd)
+        cos, sin = model.rope_tables(own_pos[:n].reshape((n * b, q) + own_pos.shape[3:]), x.dtype,
+                                     context_len=t)  # (n*B, Q, hd)
         own_ok = _own_ok(seq_n, seq_n, valid_n)
         pre_kept_n = sys_kept[:n]
 
@@ -408,7 +409,7 @@ def _generate_jit(model, ids, images, mask, text_idx, text_valid, image_start, i
     def step_fn(step, prev, cache_k, cache_v):
         x = lm.embed(prev.reshape(v_count * b, 1)).reshape(v_count, b, 1, -1)
         pos = jnp.broadcast_to(next_pos + step - 1, (v_count, b)).reshape(v_count * b, 1)
-        cos, sin = model.rope_tables(pos, x.dtype)  # (V*B, 1, hd)
+        cos, sin = model.rope_tables(pos, x.dtype, context_len=t)  # (V*B, 1, hd)
         q_order = jnp.broadcast_to(t + step - 1, (v_count, b, 1))
         own_ok = _own_ok(q_order, k_order, k_valid)
         slot = q + step - 1

@@ -119,6 +119,15 @@ def qwen2_vl_param_source(path: tuple[str, ...], cfg) -> Source:
     return Source(tuple(keys), HF_TRANSFORMS[transform], stacked)
 
 
+def qwen_vl_param_source(path: tuple[str, ...], cfg) -> Source:
+    """Official source of a parameter of a Qwen-VL tree (`jaxflow.models.qwen_vl.hf_source`: the fused
+    c_attn and the ViT's per-head in_proj split into q, k, v)."""
+    from jaxflow.models.qwen_vl import hf_source
+
+    keys, transform, stacked = hf_source(path, cfg)
+    return Source(tuple(keys), transform, stacked)
+
+
 def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
     for k, v in tree.items():
         if isinstance(v, dict):

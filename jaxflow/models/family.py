@@ -13,8 +13,10 @@ through the model, the host-side image geometry. Every model has this interface 
   writes, in order, at the image-token positions of the batch (row-major);
 - `embed(input_ids, images, impl)` -> (B, T, D);
 - `positions(input_ids, attention_mask, images)` -> RoPE positions, (B, T) int32 or (B, T, R) for
-  R-axis rotary embeddings (M-RoPE: R = 3); `rope_tables(positions, dtype)` -> cos, sin (B, T, hd),
-  for either shape (a (B, T) position is the same on every axis);
+  R-axis rotary embeddings (M-RoPE: R = 3); `rope_tables(positions, dtype, context_len)` -> cos, sin
+  (B, T, hd), for either shape (a (B, T) position is the same on every axis), or (B, T, 2, hd): key
+  then query tables where queries are scaled by position (Qwen-VL's logn attention); context_len is
+  the call's padded prompt length (static), which Qwen-VL's dynamic NTK reads and decoding keeps;
 - `noisy_images(key, images, n, sigma, mean, std)` -> n copies of `images` (leading axis n) with
   Gaussian noise of std sigma added to the [0, 1] image (SmoothGrad);
 - `language_model`: the decoder, whose `run_layers` runs the one decoder-layer function
@@ -50,7 +52,7 @@ class VisionLanguageModel(Protocol):
 
     def noisy_images(self, key, images, n: int, sigma, mean, std): ...
 
-    def rope_tables(self, positions, dtype): ...
+    def rope_tables(self, positions, dtype, context_len=None): ...
 
     def check_pixels(self, pixel_values, **image_kw) -> int: ...
 
@@ -127,7 +129,7 @@ class DecoderVLM:
     def noisy_images(self, key, images, n: int, sigma, mean, std):  # (B, C, H, W) -> (n, B, C, H, W)
         return noisy_copies(key, images, n, sigma, mean, std, channel_axis=-3)
 
-    def rope_tables(self, positions, dtype):  # (B, T) -> cos, sin (B, T, hd)
+    def rope_tables(self, positions, dtype, context_len=None):  # (B, T) -> cos, sin (B, T, hd)
         from jaxflow.models.layers import rope_cos_sin, rope_inv_freq
 
         inv = rope_inv_freq(self.config.text, jnp.max(positions) + 1)
@@ -145,11 +147,13 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from jaxflow.convert.hf import internvl_param_source, llava_param_source, qwen2_vl_param_source
+    from jaxflow.convert.hf import (internvl_param_source, llava_param_source, qwen2_vl_param_source,
+                                    qwen_vl_param_source)
     from jaxflow.models.config import from_hf_dict as llava_from_hf
     from jaxflow.models.internvl import InternVL, internvl_config_from_hf
     from jaxflow.models.llava import Llava
     from jaxflow.models.qwen2_vl import Qwen2VL, qwen2_vl_config_from_hf
+    from jaxflow.models.qwen_vl import QwenVL, qwen_vl_config_from_hf
 
     fams = [
         Family("llava", ("llava",), llava_from_hf, Llava, llava_param_source,
@@ -160,6 +164,8 @@ def _families() -> dict[str, Family]:
                "Qwen2-VL (Qwen2VLForConditionalGeneration: any image size, M-RoPE)"),
         Family("qwen2_5_vl", ("qwen2_5_vl",), qwen2_vl_config_from_hf, Qwen2VL, qwen2_vl_param_source,
                "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration: windowed vision attention, M-RoPE)"),
+        Family("qwen_vl", ("qwen",), qwen_vl_config_from_hf, QwenVL, qwen_vl_param_source,
+               "Qwen-VL (the 2023 official QWenLMHeadModel: ViT, 256-query resampler, Qwen-7B with dynamic NTK)"),
     ]
     return {f.name: f for f in fams}
 

@@ -35,11 +35,16 @@ class LlamaAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
 
     def qkv(self, x, cos, sin):
-        """x (B, T, D) -> q (B, T, H, hd), k, v (B, T, KVH, hd); RoPE applied to q and k."""
+        """x (B, T, D) -> q (B, T, H, hd), k, v (B, T, KVH, hd); RoPE applied to q and k.
+
+        cos/sin (B, T, hd), or (B, T, 2, hd): key tables, then query tables (Qwen-VL's logn scaling
+        of the queries rides on its query tables)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if cos.ndim == 4:
+            return apply_rope(q, cos[:, :, 1], sin[:, :, 1]), apply_rope(k, cos[:, :, 0], sin[:, :, 0]), v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 

@@ -226,7 +226,7 @@ class Qwen2VL(nnx.Module):
             return images["positions"]
         return position_ids(attention_mask)
 
-    def rope_tables(self, positions, dtype):  # (B, T) or (B, T, 3) -> cos, sin (B, T, hd)
+    def rope_tables(self, positions, dtype, context_len=None):  # (B, T) or (B, T, 3) -> cos, sin (B, T, hd)
         inv = rope_inv_freq(self.config.text)
         if positions.ndim == 2:  # the same position on every axis: plain RoPE
             return rope_cos_sin(positions, inv, dtype)
