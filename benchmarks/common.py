@@ -375,7 +375,7 @@ def convert_to_jaxflow(hf_dir: str, ckpt_dir: str, dtype: str = "float32") -> st
     """The real converter (what scripts/convert_checkpoint.py runs), overwriting ckpt_dir."""
     import jaxflow
 
-    return jaxflow.convert_checkpoint(hf_dir, ckpt_dir, dtype, overwrite=True, progress=False)
+    return jaxflow.convert_checkpoint(hf_dir, ckpt_dir, dtype, overwrite=True, progress=False, allow_no_tokenizer=True)
 
 
 def build_jaxflow_model(torch_model, workdir: str, dtype: str = "float32"):

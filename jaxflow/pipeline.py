@@ -91,7 +91,8 @@ def checkpoint_name(checkpoint: str | None) -> str:
 def default_template(checkpoint: str | None) -> str:
     """The prompt template a checkpoint expects: the "template" of its toy.json if it has one (models
     trained by jaxflow.toy, the embedded default too: "llava_hf"), "internvl" for an InternVL
-    checkpoint, "qwen2_vl" for a Qwen2-VL / Qwen2.5-VL one, else LLaVA-1.5's "vicuna_v1"."""
+    checkpoint, "qwen2_vl" for a Qwen2-VL / Qwen2.5-VL one, "qwen_vl" for a Qwen-VL one, else LLaVA-1.5's
+    "vicuna_v1"."""
     root = default_checkpoint() if checkpoint is None else checkpoint
     meta = os.path.join(root, "toy.json")
     if os.path.isfile(meta):
@@ -107,6 +108,8 @@ def default_template(checkpoint: str | None) -> str:
             return "internvl"
         if model_type in ("qwen2_vl", "qwen2_5_vl"):
             return "qwen2_vl"
+        if model_type == "qwen":
+            return "qwen_vl"
     except (OSError, ValueError):
         pass
     return "vicuna_v1"
@@ -134,8 +137,12 @@ def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> B
                       template=template)
     has_spec = any(os.path.exists(os.path.join(checkpoint, f))
                    for f in ("preprocessor_config.json", "processor_config.json"))
-    spec = ImageSpec.from_pretrained_dir(checkpoint) if has_spec else ImageSpec.for_size(
-        model.config.vision.image_size)
+    if model.family == "qwen_vl" and not has_spec:  # the official transform: a bicubic squash to S x S
+        n = model.config.vision.image_size
+        spec = ImageSpec(resize_hw=(n, n), crop_size=(n, n), do_center_crop=False)
+    else:
+        spec = ImageSpec.from_pretrained_dir(checkpoint) if has_spec else ImageSpec.for_size(
+            model.config.vision.image_size)
     if spec.output_hw != (model.config.vision.image_size,) * 2:
         raise ValueError(f"{checkpoint}: the image processor crops to {spec.output_hw} but the vision tower "
                          f"expects {model.config.vision.image_size} px")

@@ -190,3 +190,45 @@ def save_tiny_qwen2_vl_checkpoint(path: str, version: str = "qwen2_vl", seed: in
                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
                        "image_std": [0.26862954, 0.26130258, 0.27577711]}, f)
         return save_model(model, path, overwrite=overwrite, sidecar_dir=tmp)
+
+
+# --------------------------------------------------------------------------- a tiny random Qwen-VL (v1)
+
+TINY_QWEN_VL_TOKENS = ("<img>", "</img>", "<imgpad>")  # ids TINY_VOCAB_SIZE + 0, 1, 2 (<img> = image_start_id)
+TINY_QWEN_VL_IMAGE_SIZE = 56  # a 4x4 patch grid: the ViT's 16x16 positional table is bicubically shrunk
+
+
+def tiny_qwen_vl_config(seq_length: int = 48):
+    """Qwen-VL's ViT -> a 16-query resampler (4x4 sin-cos grid) -> a Qwen decoder (fused-qkv bias, dynamic
+    NTK and logn from `seq_length` on, so a demo prompt crosses it), toy sizes."""
+    from jaxflow.models.qwen_vl import QwenVLConfig, QwenVLVisionConfig
+
+    text = tiny_config().text
+    vision = QwenVLVisionConfig(width=32, layers=2, heads=2, mlp_ratio=2.0, image_size=TINY_QWEN_VL_IMAGE_SIZE,
+                                patch_size=14, n_queries=16, output_dim=128, image_start_id=TINY_VOCAB_SIZE)
+    return QwenVLConfig(
+        vision=vision,
+        text=TextConfig(**{**text.__dict__, "vocab_size": TINY_VOCAB_SIZE + len(TINY_QWEN_VL_TOKENS),
+                           "hidden_size": 128, "num_heads": 4, "num_kv_heads": 4, "head_dim": 32,
+                           "rms_norm_eps": 1e-6, "attention_bias": True, "o_proj_bias": False}),
+        seq_length=seq_length, use_dynamic_ntk=True, use_logn_attn=True, tie_word_embeddings=False)
+
+
+def tiny_qwen_vl_tokenizer():
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(TINY_QWEN_VL_TOKENS)})
+    return tok
+
+
+def save_tiny_qwen_vl_checkpoint(path: str, seed: int = 0, *, overwrite: bool = False) -> str:
+    """A tiny random Qwen-VL (v1) with its tokenizer as a jaxflow checkpoint, for checking every pipeline
+    on that family (images are squashed to 56 px squares, 16 image tokens between <img> and </img>)."""
+    import tempfile
+
+    from jaxflow.convert.checkpoint import save_model
+    from jaxflow.models.qwen_vl import QwenVL
+
+    model = QwenVL(tiny_qwen_vl_config(), rngs=nnx.Rngs(seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_qwen_vl_tokenizer().save_pretrained(tmp)
+        return save_model(model, path, overwrite=overwrite, sidecar_dir=tmp)

@@ -53,3 +53,11 @@ def tiny_qwen2_vl_checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ckpt-qwen2-vl")
     return {v: save_tiny_qwen2_vl_checkpoint(str(root / v), v) for v in ("qwen2_vl", "qwen2_5_vl")}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl_checkpoint(tmp_path_factory):
+    """A tiny random Qwen-VL (v1) (jaxflow.tiny) as a checkpoint directory: that family's pipelines."""
+    from jaxflow.tiny import save_tiny_qwen_vl_checkpoint
+
+    return save_tiny_qwen_vl_checkpoint(str(tmp_path_factory.mktemp("ckpt-qwen-vl") / "tiny-qwen-vl"))

@@ -79,7 +79,7 @@ def save_hf(model, path: str, max_shard_size=None):
 
 def convert_cli(hf_dir: str, out: str, dtype: str = "float32", extra=()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, os.path.join(REPO, "scripts", "convert_checkpoint.py"), f"--hf_dir={hf_dir}",
-           f"--out={out}", f"--dtype={dtype}", *extra]
+           f"--out={out}", f"--dtype={dtype}", "--allow_no_tokenizer", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 

@@ -213,12 +213,24 @@ def load(path: str, dtype: str | None = None, *, verify: bool = True) -> VisionL
 
 
 def load_tokenizer(path: str):
-    """The checkpoint's own tokenizer (transformers AutoTokenizer from the local directory)."""
+    """The checkpoint's own tokenizer: transformers AutoTokenizer from the local directory, or for an
+    official Qwen-VL directory (qwen.tiktoken, no tokenizer.json) the same tokenizer built without its
+    remote code (`jaxflow.data.qwen_vl_tokenizer`)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from jaxflow.data.qwen_vl_tokenizer import is_qwen_vl_tokenizer_dir, load_qwen_vl_tokenizer
 
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if is_qwen_vl_tokenizer_dir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return load_qwen_vl_tokenizer(path)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a config.json of a non-transformers model type (Qwen-VL) warns
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(level)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path} holds no loadable tokenizer: {e}") from e
+        raise CheckpointError(f"{path} holds no loadable tokenizer: {str(e).splitlines()[0] if str(e) else e!r}") from e

@@ -17,7 +17,7 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-TEMPLATES = ("vicuna_v1", "llava_hf", "internvl", "qwen2_vl")
+TEMPLATES = ("vicuna_v1", "llava_hf", "internvl", "qwen2_vl", "qwen_vl")
 QWEN2_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in a Qwen2-VL prompt
 QWEN2_VL_SYSTEM = "You are a helpful assistant."
 INTERNVL_IMAGE_START, INTERNVL_IMAGE_END = "<img>", "</img>"
@@ -36,7 +36,10 @@ def format_prompt(question: str, template: str = "vicuna_v1", image_token: str =
     transformers' InternVL processor does before expanding it;
     ``qwen2_vl``: the checkpoint tokenizer's chat template, which renders the image as
     ``<|vision_start|><|image_pad|><|vision_end|>`` (``image_token`` is the pad token the processor
-    expands), or without one Qwen2-VL's ChatML with its default system prompt.
+    expands), or without one Qwen2-VL's ChatML with its default system prompt;
+    ``qwen_vl``: the official Qwen-VL evaluation's base-model format
+    ``"<img>{image}</img>{question} Answer:"`` (``image_token`` is ``<imgpad>``, expanded to the
+    resampler's 256 queries; a question ending in ":" gets no " Answer:", see ``qwen_vl_prompt``).
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; valid templates: {', '.join(TEMPLATES)}")
@@ -46,10 +49,20 @@ def format_prompt(question: str, template: str = "vicuna_v1", image_token: str =
         return _internvl_prompt(question, image_token, tokenizer)
     if template == "qwen2_vl":
         return _qwen2_vl_prompt(question, image_token, tokenizer)
+    if template == "qwen_vl":
+        return qwen_vl_prompt(question, image_token)
     body = f"USER: {image_token}\n{question} ASSISTANT:"
     if template == "vicuna_v1":
         return f"{VICUNA_V1_SYSTEM} {body}"
     return body
+
+
+def qwen_vl_prompt(question: str, image_token: str = "<imgpad>") -> str:
+    """Qwen-VL (v1), its official evaluation's base-model format: the image span, then the question,
+    then " Answer:" (its VQA format); a question that already ends in ":" (ScienceQA's
+    "...\nAnswer:", the caption instruction "Describe the image in English:") is used as it is."""
+    tail = "" if question.rstrip().endswith(":") else " Answer:"
+    return f"<img>{image_token}</img>{question}{tail}"
 
 
 def _qwen2_vl_prompt(question: str, image_token: str, tokenizer) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxflow.data.datasets.questions import template_question
 from jaxflow.evaluation.cliff import build_summary, plot_curve, write_summary
 from jaxflow.evaluation.records import (CURVE_PNG, PREDICTIONS, EvaluationError, PredictionLog, RunLock,
                                         open_run_dir, precheck_run_dir, unique_records)
@@ -200,7 +201,7 @@ def prompt_lengths(bundle, items) -> np.ndarray:
     """Tokens of each item's prompt (image placeholder expanded), as the model will see it."""
     from jaxflow.pipeline import format_prompts
 
-    prompts = format_prompts(bundle, [it.formatted_question for it in items])
+    prompts = format_prompts(bundle, [template_question(it, bundle.template) for it in items])
     if not prompts:
         return np.zeros(0, np.int64)
     ids = bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
@@ -256,7 +257,7 @@ def prepare_batch(bundle, items, *, rows: int, length_bucket: int = 16, pad_squa
     """Encode items (images + prompts) into one batch of ``rows`` rows (see ``layout_rows``)."""
     from jaxflow.pipeline import encode
 
-    batch, images = encode(bundle, [it.image for it in items], [it.formatted_question for it in items],
+    batch, images = encode(bundle, [it.image for it in items], [template_question(it, bundle.template) for it in items],
                            pad_square=pad_square, with_images=True)
     cfg = bundle.config
     pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else 0

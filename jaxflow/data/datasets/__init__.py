@@ -19,6 +19,7 @@ from jaxflow.data.datasets._common import (CAPTION_PROMPT, LETTER_ANSWER_SUFFIX,
                                            DatasetError, Item, LoadStats)
 from jaxflow.data.datasets.chair import load_chair
 from jaxflow.data.datasets.pope import load_pope
+from jaxflow.data.datasets.questions import QWEN_VL_CAPTION_PROMPT, qwen_vl_question, template_question
 from jaxflow.data.datasets.scienceqa import load_scienceqa
 from jaxflow.data.datasets.textvqa import load_textvqa
 from jaxflow.data.datasets.toy import load_toy_captions, load_toy_pope
@@ -64,6 +65,7 @@ def load_dataset(name: str, data_dir: str, image_dir: str, *, limit: int | None 
 
 
 __all__ = [
+    "template_question", "qwen_vl_question", "QWEN_VL_CAPTION_PROMPT",
     "load_dataset", "dataset_options", "DATASETS", "BENCHMARKS", "LOADERS", "Dataset", "DatasetError", "Item", "LoadStats",
     "load_pope", "load_textvqa", "load_scienceqa", "load_chair", "load_toy_pope", "load_toy_captions",
     "SHORT_ANSWER_SUFFIX", "LETTER_ANSWER_SUFFIX", "CAPTION_PROMPT",
