@@ -1,4 +1,5 @@
-"""jaxflow: information flow in vision-language models (LLaVA-1.5, InternVL), in JAX/Flax.
+"""jaxflow: information flow in vision-language models (LLaVA-1.5, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen-VL),
+in JAX/Flax.
 
 Public entry points (any family; `model.family` names it):
     model = jaxflow.load("checkpoints/NAME")
@@ -16,11 +17,14 @@ from jaxflow.models.config import LlavaConfig, load_config
 from jaxflow.models.family import VisionLanguageModel, families
 from jaxflow.models.internvl import InternVL, InternVLConfig
 from jaxflow.models.llava import Llava
+from jaxflow.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from jaxflow.models.qwen_vl import QwenVL, QwenVLConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Llava", "LlavaConfig", "InternVL", "InternVLConfig", "VisionLanguageModel", "families", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint", "from_state_dict",
+    "Llava", "LlavaConfig", "InternVL", "InternVLConfig", "Qwen2VL", "Qwen2VLConfig", "QwenVL", "QwenVLConfig",
+    "VisionLanguageModel", "families", "load_config", "load", "load_tokenizer", "save_model", "convert_checkpoint", "from_state_dict",
     "forward", "ForwardOutput", "image_features", "generate", "GenerateOutput",
     "truncation_sweep", "SweepOutput", "truncation_generate", "TruncationGenerateOutput",
     "llava_cam", "llava_cams", "llava_cam_per_token", "cam_site", "CamResult", "attention_shares",
