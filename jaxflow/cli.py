@@ -37,8 +37,16 @@ def enable_compile_cache(path: str | None = None) -> str | None:
     return path
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
 def parse_flags(argv):
-    """absl's parser, with a flag error reported like every other error: one line, exit code 2."""
+    """absl's parser, with a flag error reported like every other error: one line, exit code 2, and
+    --help (-h, --helpshort, --helpfull) printing the usage to stdout with exit code 0 (absl exits 1)."""
+    asked = [a for a in argv[1:] if a.split("=")[0] in HELP_FLAGS]
+    if asked:
+        app.usage(shorthelp=asked[0].split("=")[0] != "--helpfull", writeto_stdout=True)
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

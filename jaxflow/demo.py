@@ -40,6 +40,8 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
     if not question or not question.strip():
         raise DemoError("--question is empty")
     final = check_out_dir(out, overwrite=overwrite, error=DemoError)
+    if os.path.isdir(image):
+        raise DemoError(f"--image {image} is a folder, not an image file: pass one image file")
     if not os.path.isfile(image):
         raise DemoError(f"image not found: {image}")
     try:
@@ -105,7 +107,8 @@ def _write_demo(out, final, bundle, image, question, template, text, ids, batch,
             run_analysis(checkpoint, image, question, out=os.path.join(out, "analysis"), template=template,
                          max_new_tokens=max_new_tokens, pad_square=pad_square, progress=progress)
             if progress:
-                progress("truncation sweep: every cut layer K")
+                progress("truncation sweep: every cut layer K in one program, then each K's answer "
+                         "(compiles on first use, from the cache afterwards)")
             report, _ = run_sweep_report(checkpoint, image, question, out=os.path.join(out, "truncation"),
                                          template=template, max_new_tokens=max_new_tokens, pad_square=pad_square)
         except (AnalyzeError, ValueError) as e:

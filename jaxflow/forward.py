@@ -44,10 +44,16 @@ def _as_int_array(name, x, ndim=2):
 
 
 def validate_inputs(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=None, truncate_at=None,
-                    **image_kw):
-    """Checks shapes and image-token counts; returns numpy (input_ids, attention_mask) int32."""
+                    new_tokens: int = 0, **image_kw):
+    """Checks shapes, image-token counts and that the sequence (plus `new_tokens` to generate) fits the
+    model's positions; returns numpy (input_ids, attention_mask) int32."""
     cfg = model.config
     ids = _as_int_array("input_ids", input_ids)
+    limit = max_positions(cfg)
+    if ids.shape[1] + new_tokens > limit:
+        extra = f" plus {new_tokens} tokens to generate" if new_tokens else ""
+        raise ValueError(f"the prompt has {ids.shape[1]} tokens{extra}, more than the model's {limit} positions: "
+                         "shorten the question (or generate fewer tokens)")
     if attention_mask is None:
         mask = np.ones_like(ids, dtype=np.int32)
     else:
@@ -71,6 +77,12 @@ def validate_inputs(model: VisionLanguageModel, input_ids, pixel_values, attenti
             raise ValueError(f"truncate_at must be an integer in 0..{L} (layers >= K lose image keys; "
                              f"{L} = untruncated), got {truncate_at!r}")
     return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def max_positions(cfg) -> int:
+    """The longest sequence the model takes: its config's `max_positions` where the family defines one
+    (Qwen-VL: the official logn table), else the decoder's max_position_embeddings."""
+    return int(getattr(cfg, "max_positions", None) or cfg.text.max_position_embeddings)
 
 
 def _check_impl(attn_impl):

@@ -82,7 +82,9 @@ def _generate_jit(model, input_ids, images, attention_mask, eos_ids, pad_id, tru
     cache = init_cache(model, b, total, x.dtype)
     out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
                         cache=cache, write_index=0)
-    first = jnp.argmax(lm.logits(out.hidden[:, -1:])[:, -1], axis=-1).astype(jnp.int32)
+    logits0 = lm.logits(out.hidden[:, -1:])[:, -1]  # (B, V)
+    finite = jnp.isfinite(logits0).all()
+    first = jnp.argmax(logits0, axis=-1).astype(jnp.int32)
     next_pos = next_positions(positions, attention_mask)  # (B,) position of the first new token
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
@@ -102,25 +104,28 @@ def _generate_jit(model, input_ids, images, attention_mask, eos_ids, pad_id, tru
         return step + 1, tokens, done | jnp.isin(tok, eos_ids), cache
 
     _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, done, out.cache))
-    return tokens
+    return tokens, finite
 
 
 def generate(model: VisionLanguageModel, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
              eos_token_id=None, pad_token_id: int | None = None, attn_impl: str = "fused",
-             truncate_at: int | None = None, keep_image_mask=None, **image_kw) -> GenerateOutput:
+             truncate_at: int | None = None, keep_image_mask=None, check_finite: bool = True,
+             **image_kw) -> GenerateOutput:
     """Greedy decoding, batched, with a KV cache; a row stops at EOS, all stop at max_new_tokens.
 
     input_ids/attention_mask (B, T) (right padding is moved to the left first); pixel_values
     (B_img, 3, H, W). eos_token_id: int or list (default: the config's). truncate_at=K decodes with
     image keys masked in layers >= K, except those in keep_image_mask (B, T) bool. image_kw: the
     family's image arguments (Qwen2-VL: image_grid_thw). Returns GenerateOutput(tokens (B, max_new_tokens),
-    lengths (B,)).
+    lengths (B,)). check_finite: NaN/Inf logits of the prompt raise `jaxflow.health.NonFiniteError` naming
+    the first non-finite stage (the check is one reduction inside the program).
     """
     _check_impl(attn_impl)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     cfg = model.config
-    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at, **image_kw)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, truncate_at,
+                                new_tokens=int(max_new_tokens), **image_kw)
     if keep_image_mask is not None:
         _keep_mask(keep_image_mask, ids.shape)  # validates
         ids, mask, keep = left_align(ids, mask, np.asarray(keep_image_mask))
@@ -131,8 +136,13 @@ def generate(model: VisionLanguageModel, input_ids, pixel_values, attention_mask
     eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
     images = model.image_inputs(ids, mask, pixel_values, **image_kw)
     k = None if truncate_at is None else jnp.int32(truncate_at)
-    tokens = np.asarray(_generate_jit(model, jnp.asarray(ids), images, jnp.asarray(mask), jnp.asarray(eos),
-                                      jnp.int32(pad), k, keep, max_new_tokens=int(max_new_tokens), impl=attn_impl))
+    tokens, finite = _generate_jit(model, jnp.asarray(ids), images, jnp.asarray(mask), jnp.asarray(eos),
+                                   jnp.int32(pad), k, keep, max_new_tokens=int(max_new_tokens), impl=attn_impl)
+    if check_finite and not bool(finite):
+        from jaxflow.health import raise_non_finite
+
+        raise_non_finite(model, ids, pixel_values, mask, what="the prompt's logits", **image_kw)
+    tokens = np.asarray(tokens)
     is_eos = np.isin(tokens, eos)
     lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, max_new_tokens).astype(np.int32)
     return GenerateOutput(tokens=tokens, lengths=lengths)

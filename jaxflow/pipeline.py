@@ -126,6 +126,20 @@ def load_bundle(checkpoint: str | None = None, *, template: str | None = None, d
 
 
 def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> Bundle:
+    from jaxflow.convert.checkpoint import CheckpointError, corrupt_json
+
+    try:
+        return _load_parts(checkpoint, name, template, dtype)
+    except (ValueError, OSError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        bad = corrupt_json(checkpoint)  # an image-processor JSON error does not name its file
+        if bad:
+            raise CheckpointError(bad) from e
+        raise
+
+
+def _load_parts(checkpoint: str, name: str, template: str, dtype: str | None) -> Bundle:
     from jaxflow.convert import load, load_tokenizer
 
     model = load(checkpoint, dtype=dtype)

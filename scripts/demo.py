@@ -1,7 +1,7 @@
-"""Runs a vision-language model (LLaVA or InternVL) on one image and question: greedy answer, token-group
+"""Runs a vision-language model (any supported family) on one image and question: greedy answer, token-group
 spans, and (unless --noanalyses) every instrument: LLaVA-CAM per layer, attention shares, information flow,
 truncation sweep. Overlays are drawn on the original image; model_input.png shows what the model sees
-(LLaVA: the preprocessed image; InternVL: its tiles and thumbnail).
+(LLaVA, Qwen-VL: the preprocessed image; InternVL: its tiles and thumbnail; Qwen2-VL: its patches).
 
 With no flags it uses the embedded toy model (jaxflow/assets/toy_llava, trained on synthetic shapes)
 and the bundled image (no downloads):
@@ -21,7 +21,7 @@ flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: 
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
 flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: the checkpoint's own: "
-                  "vicuna_v1 for converted LLaVA-1.5, internvl for InternVL)")
+                  "vicuna_v1 for converted LLaVA-1.5, internvl, qwen2_vl, qwen_vl for those families)")
 flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit")
 flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square with the mean colour "
                   "(original LLaVA eval)")

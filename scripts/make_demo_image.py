@@ -7,12 +7,14 @@ Run: python scripts/make_demo_image.py
 from __future__ import annotations
 
 import os
-import sys
+
+from jaxflow.cli import run
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxflow", "assets", "demo.png")
 
 
-def main() -> None:
+def main(argv) -> None:
+    del argv
     from jaxflow.tiny import make_demo_image
 
     make_demo_image().save(OUT, format="PNG", optimize=False)
@@ -20,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -102,3 +102,58 @@ def test_save_model_writes_checksums(tmp_path):
 
     path = save_model(tiny_model(), str(tmp_path / "m"))
     assert all(len(v) == 8 for v in json.load(open(os.path.join(path, MARKER)))["checksums"].values())
+
+
+# --------------------------------------------------------------------------- non-finite outputs at run time
+
+
+def _with_value(where, layer, value):
+    """The tiny model with one entry of a stacked parameter (`where`, at `layer`) set to `value`
+    (a model in memory: what verify at load cannot see, e.g. a float16 overflow)."""
+    from flax import nnx
+
+    from jaxflow.tiny import tiny_config
+    from jaxflow.models.llava import Llava
+
+    model = Llava(tiny_config(), rngs=nnx.Rngs(0))
+    node = model
+    for k in where:
+        node = getattr(node, k)
+    arr = np.array(node[...])
+    if layer is None:
+        arr.reshape(-1)[0] = value
+    else:
+        arr[layer].reshape(-1)[0] = value
+    node[...] = arr
+    return model
+
+
+@pytest.mark.parametrize("where,layer,expect", [
+    (("language_model", "layers", "mlp", "down_proj", "kernel"), 2, "decoder layer 2 of 4"),
+    (("vision_tower", "layers", "mlp", "fc1", "kernel"), 0, "the image features"),
+])
+def test_non_finite_outputs_name_the_first_stage(where, layer, expect):
+    from jaxflow import tiny
+    from jaxflow.health import NonFiniteError
+    from jaxflow.pipeline import Bundle, encode
+
+    model = _with_value(where, layer, np.inf)
+    bundle = Bundle(model, tiny.tiny_tokenizer(), __import__("jaxflow.data.image", fromlist=["ImageSpec"]).ImageSpec
+                    .for_size(tiny.TINY_IMAGE_SIZE), "broken", template="vicuna_v1")
+    batch, pix = encode(bundle, [tiny.DEMO_IMAGE], [tiny.DEMO_QUESTION])
+    with pytest.raises(NonFiniteError) as e:
+        jaxflow.generate(model, batch.input_ids, pix, batch.attention_mask, max_new_tokens=2)
+    msg = str(e.value)
+    assert "\n" not in msg and "NaN/Inf" in msg and expect in msg, msg
+    if layer == 0:
+        with pytest.raises(NonFiniteError, match=expect):
+            jaxflow.truncation_sweep(model, batch.input_ids, pix, batch.attention_mask)
+    from jaxflow.health import first_non_finite
+
+    if layer == 2:  # a later stage: the unembedding alone
+        ok = _with_value(("language_model", "lm_head"), None, np.inf)
+        assert "final norm and unembedding" in first_non_finite(ok, batch.input_ids, pix, batch.attention_mask)
+        assert first_non_finite(tiny.tiny_model(), batch.input_ids, pix, batch.attention_mask) is None
+    # the check can be turned off: the numbers come back as they are
+    out = jaxflow.generate(model, batch.input_ids, pix, batch.attention_mask, max_new_tokens=2, check_finite=False)
+    assert out.tokens.shape == (1, 2)

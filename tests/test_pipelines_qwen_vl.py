@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 import jaxflow
 import qwen_vl_reference as QR

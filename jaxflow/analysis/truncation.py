@@ -346,7 +346,8 @@ def _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k,
 
 def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers=None, *,
                      keep_top_k: int = 0, chunks: int = 4, attn_impl: str = "fused",
-                     text_bucket: int = 1, all_logits: bool = True, **image_kw) -> SweepOutput:
+                     text_bucket: int = 1, all_logits: bool = True, check_finite: bool = True,
+                     **image_kw) -> SweepOutput:
     """Logits for every cut layer K at once, at the positions after each row's image.
 
     input_ids/attention_mask (B, T), one image block per row; pixel_values as the family's processor
@@ -359,7 +360,8 @@ def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers
     input position `positions[b, j]` (the j-th real token after the image), and last_logits
     (V, B, vocab) at each row's last token. all_logits=False returns only the latter (logits None):
     at 7B x 8 rows x 24 tokens the full logits are 0.76 GB, and copying them to the host took longer
-    than the sweep itself on an H200.
+    than the sweep itself on an H200. check_finite: NaN/Inf logits raise `jaxflow.health.NonFiniteError`
+    naming the first non-finite stage.
     """
     ids, mask, ks, lay, images = _prepare(model, input_ids, pixel_values, attention_mask, layers, keep_top_k,
                                           chunks, attn_impl, text_bucket, **image_kw)
@@ -369,9 +371,14 @@ def truncation_sweep(model, input_ids, pixel_values, attention_mask=None, layers
                      jnp.asarray(lay.image_end), jnp.asarray(ks), prefix_len=lay.prefix_len,
                      system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, L, chunks),
                      keep_top_k=int(keep_top_k), impl=attn_impl, all_logits=bool(all_logits))
+    last = np.asarray(out["last_logits"])
+    if check_finite and not np.isfinite(last).all():
+        from jaxflow.health import raise_non_finite
+
+        raise_non_finite(model, ids, pixel_values, mask, what="the sweep's logits", **image_kw)
     positions = np.where(lay.text_valid, lay.text_idx, -1).astype(np.int32)
     return SweepOutput(logits=np.asarray(out["logits"]) if all_logits else None,
-                       last_logits=np.asarray(out["last_logits"]), next_token=np.asarray(out["next_token"]), layers=ks,
+                       last_logits=last, next_token=np.asarray(out["next_token"]), layers=ks,
                        positions=positions, mask=lay.text_valid.copy())
 
 
@@ -443,13 +450,13 @@ def _generate_jit(model, ids, images, mask, text_idx, text_valid, image_start, i
         return step + 1, tokens.at[:, :, step].set(tok), done | jnp.isin(tok, eos_ids), ck, cv
 
     _, tokens, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, done, own_k, own_v))
-    return tokens
+    return tokens, jnp.isfinite(sw["last_logits"]).all()
 
 
 def truncation_generate(model, input_ids, pixel_values, attention_mask=None, layers=None, *,
                         max_new_tokens: int = 32, keep_top_k: int = 0, eos_token_id=None,
                         pad_token_id: int | None = None, chunks: int = 4, attn_impl: str = "fused",
-                        text_bucket: int = 1, **image_kw) -> TruncationGenerateOutput:
+                        text_bucket: int = 1, check_finite: bool = True, **image_kw) -> TruncationGenerateOutput:
     """Greedy decoding for every cut layer K at once (batched over rows, each (K, row) stops at EOS).
 
     The prompt's shared prefix (system + image keys/values) is stored once; each variant keeps a
@@ -459,18 +466,24 @@ def truncation_generate(model, input_ids, pixel_values, attention_mask=None, lay
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, **image_kw)
+    ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, new_tokens=int(max_new_tokens),
+                                **image_kw)
     ids, mask = left_align(ids, mask)
     ids, mask, ks, lay, images = _prepare(model, ids, pixel_values, mask, layers, keep_top_k, chunks, attn_impl,
                                           text_bucket, **image_kw)
     cfg = model.config
     eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
-    tokens = np.asarray(_generate_jit(
+    tokens, finite = _generate_jit(
         model, jnp.asarray(ids), images, jnp.asarray(mask),
         jnp.asarray(lay.text_idx), jnp.asarray(lay.text_valid), jnp.asarray(lay.image_start),
         jnp.asarray(lay.image_end), jnp.asarray(ks), jnp.asarray(eos), jnp.int32(pad), prefix_len=lay.prefix_len,
-        system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, cfg.text.num_layers, chunks), keep_top_k=int(keep_top_k), impl=attn_impl,
-        max_new_tokens=int(max_new_tokens)))
+        system_len=lay.system_len, image_max=lay.image_max, chunks=_chunks(ks, cfg.text.num_layers, chunks),
+        keep_top_k=int(keep_top_k), impl=attn_impl, max_new_tokens=int(max_new_tokens))
+    if check_finite and not bool(finite):
+        from jaxflow.health import raise_non_finite
+
+        raise_non_finite(model, ids, pixel_values, mask, what="the prompt's logits", **image_kw)
+    tokens = np.asarray(tokens)
     is_eos = np.isin(tokens, eos)
     lengths = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, max_new_tokens).astype(np.int32)
     return TruncationGenerateOutput(tokens=tokens, lengths=lengths, layers=ks)

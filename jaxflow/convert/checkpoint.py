@@ -233,4 +233,26 @@ def load_tokenizer(path: str):
         finally:
             hf_logging.set_verbosity(level)
     except Exception as e:  # noqa: BLE001
+        bad = corrupt_json(path)
+        if bad:
+            raise CheckpointError(bad) from e
         raise CheckpointError(f"{path} holds no loadable tokenizer: {str(e).splitlines()[0] if str(e) else e!r}") from e
+
+
+def corrupt_json(folder: str) -> str | None:
+    """One line naming the first *.json file of `folder` that does not parse (None if every one does):
+    what a loader's own error leaves out."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+    except OSError:
+        return None
+    for name in names:
+        f = os.path.join(folder, name)
+        try:
+            with open(f, encoding="utf-8") as fh:
+                json.load(fh)
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"{f} is not valid JSON ({e}): restore that file from the original checkpoint"
+        except OSError:
+            continue
+    return None

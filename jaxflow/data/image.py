@@ -40,12 +40,27 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an image file: pass one image file")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_8bit(im).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"cannot read image {path}: {msg}") from None
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale -> 8-bit "L", scaled by the bit depth: PIL's own
+    ``convert("RGB")`` clips such values at 255, so a 16-bit image would come out almost all white.
+    Modes I;16* are scaled by 255 / 65535; mode "I" likewise when its values exceed 255 (a 16-bit PNG),
+    else taken as 8-bit. Every other mode is returned as it is."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    a = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or a.max(initial=0) > 255:
+        a = a * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
 @dataclasses.dataclass(frozen=True)

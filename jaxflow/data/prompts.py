@@ -21,6 +21,9 @@ TEMPLATES = ("vicuna_v1", "llava_hf", "internvl", "qwen2_vl", "qwen_vl")
 QWEN2_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in a Qwen2-VL prompt
 QWEN2_VL_SYSTEM = "You are a helpful assistant."
 INTERNVL_IMAGE_START, INTERNVL_IMAGE_END = "<img>", "</img>"
+# text that marks an image in each template's prompts besides the placeholder itself (a question may not hold it)
+IMAGE_MARKERS = {"vicuna_v1": ("<image>",), "llava_hf": ("<image>",), "internvl": ("<img>", "</img>"),
+                 "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen_vl": ("<img>", "</img>")}
 
 
 def format_prompt(question: str, template: str = "vicuna_v1", image_token: str = "<image>", *,
@@ -45,6 +48,10 @@ def format_prompt(question: str, template: str = "vicuna_v1", image_token: str =
         raise ValueError(f"unknown prompt template {template!r}; valid templates: {', '.join(TEMPLATES)}")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question is empty")
+    for marker in (image_token,) + IMAGE_MARKERS.get(template, ()):
+        if marker and marker in question:
+            raise ValueError(f"the question contains {marker!r}, the model's image placeholder; the prompt template "
+                             "places the image itself: remove it from the question")
     if template == "internvl":
         return _internvl_prompt(question, image_token, tokenizer)
     if template == "qwen2_vl":

@@ -107,6 +107,12 @@ class QwenVLConfig:
     def num_image_tokens(self) -> int:
         return self.vision.n_queries
 
+    @property
+    def max_positions(self) -> int:
+        """The official code's logn table covers positions up to 32767 (dynamic NTK stretches RoPE beyond
+        max_position_embeddings, so that is the real limit)."""
+        return 32767
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The official config.json dict (model_type "qwen", `visual` section) for this config."""
         t, v = self.text, self.vision
