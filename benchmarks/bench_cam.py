@@ -1,7 +1,8 @@
 """LLaVA-CAM cost: all L layers from one backward vs one plain forward vs a per-layer loop, one run.
 
-    python benchmarks/bench_cam.py [--family llava|internvl|qwen2_vl --tiles 1|3 --answer_tokens 4 --text_tokens 64
-                                    --repeats 3 --loop_repeats 1 --threads 2 --no_extras --no_loop]
+    python benchmarks/bench_cam.py [--family llava|internvl|qwen2_vl|qwen_vl --tiles 1|3 --answer_tokens 4
+                                    --text_tokens 64 --repeats 3 --loop_repeats 1 --threads 2 --no_extras
+                                    --no_loop --no_torch]
 
 Model: a shared bench config (benchmarks/common.py), random weights (a torch model saved with
 save_pretrained and pushed through jaxflow's real converter). --family llava (default): LLaVA-1.5
@@ -10,8 +11,19 @@ structure, 28 Qwen2 layers of width 256, one image of --tiles 448 px tiles (256 
 151674 (the maps are stitched onto the tile grid: 1x1, or 1x2 + thumbnail). --family qwen2_vl: Qwen2-VL
 structure, 28 Qwen2 layers of width 256 with M-RoPE, vocab 151936; the row holds one 672 px image
 (48x48 patches -> 576 tokens; batch 1 takes the first of the config's two image sizes), every call
-given image_grid_thw. Input: one row of the image tokens + --text_tokens text tokens, the last
---answer_tokens of which are the answer (teacher-forced target).
+given image_grid_thw. --family qwen_vl: Qwen-VL (v1) structure, 32 Qwen layers of width 256 with
+dynamic NTK and logn (seq_length 2048: plain regime), one 448 px image (256 tokens), vocab 151936;
+the weights are written by the official reference (reference.make_model, ../shared/refs/qwen_vl_v1
+or $JAXFLOW_QWEN_VL_REFS) and converted. Input: one row of the image tokens + --text_tokens text
+tokens, the last --answer_tokens of which are the answer (teacher-forced target).
+
+qwen_vl also times the torch side, the OFFICIAL remote code (QWenLMHeadModel, eager attention), in
+the same rounds (common.official_cam_cases): `torch_forward` (one official forward), `torch_cam`
+(autograd as tests/golden/qwen_vl/make_golden.py: hooks keep each block's ln_2 output, one forward
+through the pixel feed and one backward, weights requiring grad as loaded, then the paper map) and
+`torch_cam_frozen` (the same with the weights frozen: activation gradients only, what jaxflow
+computes). The raw paper maps of jaxflow and torch are compared. Without the refs folder (or with
+--no_torch) the torch side is skipped with a message and jaxflow runs on its own random init.
 
 Timed, all through public functions (host-side validation, host<->device copies included), each the
 median of --repeats runs (the loop: --loop_repeats, default 1) after a warm-up (compile) run, in rounds (forward, CAM, loop, ...) so that
@@ -78,6 +90,7 @@ def main():
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no_extras", action="store_true", help="skip per-token, SmoothGrad, attention, flow")
     ap.add_argument("--no_loop", action="store_true", help="skip the per-layer loop (and the gradient check)")
+    ap.add_argument("--no_torch", action="store_true", help="qwen_vl: skip the torch side (the official code)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/cam[-<config>].json")
     args = ap.parse_args()
     cfg = common.config_from_args(args)
@@ -86,13 +99,31 @@ def main():
 
     import numpy as np
 
-    from jaxflow.analysis.cam import cam_site
+    import jaxflow
+    from jaxflow.analysis.cam import cam_site, llava_cams
 
     print(f"bench config {cfg.name}: {cfg.describe()}", flush=True)
+    no_torch = None
+    if cfg.official:
+        no_torch = "the torch side is off (--no_torch)" if args.no_torch else common.torch_side_missing(cfg)
+    official = None  # the official Qwen-VL model (torch side of qwen_vl)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-cam-") as work:
-        print("building the bench model (torch, random weights) and converting it ...", flush=True)
-        model = common.build_jaxflow_model(common.build_torch_model("eager", config=cfg), work)
+        if cfg.official and no_torch:
+            print(no_torch + "; jaxflow runs on its own random init", flush=True)
+            model = common.random_jaxflow_model(cfg)
+        elif cfg.official:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            print(f"writing the official model (reference.make_model, {common.qwen_vl_refs_dir()}) and converting "
+                  "it ...", flush=True)
+            odir = common.make_official_model(os.path.join(work, "official"), cfg)
+            model = jaxflow.load(common.convert_to_jaxflow(odir, os.path.join(work, "jaxflow")))
+            official = common.load_official_model(odir)
+        else:
+            print("building the bench model (torch, random weights) and converting it ...", flush=True)
+            model = common.build_jaxflow_model(common.build_torch_model("eager", config=cfg), work)
     build_s = time.perf_counter() - t0
     ids, mask, pix, image_kw = cfg.inputs_kw(batch=1, text_tokens=args.text_tokens)
     amask = common.answer_mask(ids, args.answer_tokens)
@@ -101,6 +132,8 @@ def main():
     cases = common.cam_cases(model, ids, pix, mask, amask, extras=not args.no_extras, image_kw=image_kw)
     if args.no_loop:
         del cases["loop"]
+    if official is not None:
+        cases.update(common.official_cam_cases(official, ids, pix, mask, amask))
     first = {}
     for name, fn in cases.items():  # warm-up = compilation
         print(f"compiling {name} ...", flush=True)
@@ -122,6 +155,15 @@ def main():
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
 
+    torch_maps = None
+    if official is not None:  # jaxflow's raw paper maps vs the official autograd's (both variants)
+        mine = np.asarray(llava_cams(model, ids, pix, amask, ("paper",), attention_mask=mask, **image_kw)
+                          .raw["paper"]).reshape(last["torch_cam"].shape)
+        torch_maps = {}
+        for k in ("torch_cam", "torch_cam_frozen"):
+            scale = float(np.abs(last[k]).max())
+            torch_maps[k] = {"max_abs_diff": float(np.abs(mine - last[k]).max()), "max_abs_map": scale,
+                             "max_rel_err": float(np.abs(mine - last[k]).max() / max(scale, 1e-30))}
     rel = None
     if "loop" in last:
         # single backward vs the timed loop's output
@@ -143,7 +185,20 @@ def main():
         "ratios_per_round": {"cam_over_forward": [c / f for c, f in zip(times["cam"], times["forward"])]},
         "goals": {"cam_over_forward_max": common.GOALS["cam_over_forward_max"], "loop_over_cam_min": 8.0},
         "single_backward_vs_loop_max_rel_err": rel,
+        "torch_side": ("official Qwen-VL remote code (eager), " + common.qwen_vl_refs_dir()) if official is not None
+        else (no_torch or "transformers (only to build the weights)"),
+        "maps_vs_official": torch_maps,
     }
+    if official is not None:  # the official code (Qwen-VL), same rounds
+        res["ratios"].update(
+            official_cam_over_cam=med["torch_cam"] / med["cam"],
+            official_cam_frozen_over_cam=med["torch_cam_frozen"] / med["cam"],
+            official_forward_over_forward=med["torch_forward"] / med["forward"],
+            official_cam_over_official_forward=med["torch_cam"] / med["torch_forward"],
+            official_cam_frozen_over_official_forward=med["torch_cam_frozen"] / med["torch_forward"])
+        res["ratios_per_round"].update(
+            official_cam_over_cam=[a / b for a, b in zip(times["torch_cam"], times["cam"])],
+            official_forward_over_forward=[a / b for a, b in zip(times["torch_forward"], times["forward"])])
     if with_loop:
         res["ratios"].update(loop_over_cam=med["loop"] / med["cam"], loop_over_forward=med["loop"] / med["forward"])
         res["ratios_per_round"]["loop_over_cam"] = [lp / c for lp, c in zip(times["loop"], times["cam"])]
@@ -168,6 +223,17 @@ def main():
         print(f"per-layer loop = {r['loop_over_cam']:.1f}x the all-layer CAM (goal >= 8; same round "
               f"{', '.join(f'{x:.1f}' for x in rr['loop_over_cam'])}); gradients single-backward vs loop: max rel "
               f"err {rel:.1e}")
+    if official is not None:
+        print(f"official Qwen-VL code (torch, eager): forward {med['torch_forward']:.3f} s, CAM by autograd "
+              f"{med['torch_cam']:.3f} s ({r['official_cam_over_official_forward']:.2f}x its forward), with frozen "
+              f"weights {med['torch_cam_frozen']:.3f} s ({r['official_cam_frozen_over_official_forward']:.2f}x)")
+        print(f"official time / jaxflow time (> 1: jaxflow faster): CAM {r['official_cam_over_cam']:.2f}x (frozen-"
+              f"weight autograd {r['official_cam_frozen_over_cam']:.2f}x; per round "
+              f"{', '.join(f'{x:.2f}' for x in rr['official_cam_over_cam'])}), forward "
+              f"{r['official_forward_over_forward']:.2f}x; raw paper maps vs the official autograd's: max rel err "
+              + ", ".join(f"{k} {v['max_rel_err']:.1e}" for k, v in torch_maps.items()))
+    elif no_torch:
+        print(no_torch)
     print(f"wrote {args.out}")
 
 

@@ -1,8 +1,8 @@
 """Forward throughput: jaxflow (jit, fp32, CPU; fused and reference attention) vs transformers torch
 (eager and sdpa attention), same weights, same inputs, one run.
 
-    python benchmarks/bench_forward.py [--family llava|internvl|qwen2_vl --tiles 1|3 --batch 4 --text_tokens 64
-                                        --repeats 5 --threads 2 --frameworks ... --no-breakdown]
+    python benchmarks/bench_forward.py [--family llava|internvl|qwen2_vl|qwen_vl --tiles 1|3 --batch 4
+                                        --text_tokens 64 --repeats 5 --threads 2 --frameworks ... --no-breakdown]
 
 Model: a shared bench config (benchmarks/common.py), random weights. --family llava (default):
 LLaVA-1.5 structure, 32 decoder layers of width 256, 576 image tokens per image, vocab 32064; input B
@@ -15,9 +15,18 @@ alternating 576-token (48x48 patches) and 324-token (36x36) images, the latter r
 rows of 576 + text_tokens tokens (padding included); pixel_values are packed patches with
 image_grid_thw, and torch also gets mm_token_type_ids. Throughput = B*T / median seconds of a full
 forward (all logits; T counts padding). Logit differences are taken over real tokens only (padded
-queries attend to nothing real, and each framework fills them differently). The goal (common.GOALS),
-printed next to the table: jaxflow-fused faster
-than torch-sdpa. Each framework lives in its own fresh 'spawn' subprocess (so its peak RSS,
+queries attend to nothing real, and each framework fills them differently). --family qwen_vl:
+Qwen-VL (v1) structure (ViT at 448 px -> 32x32 patches, 256-query resampler, Qwen decoder of 32 layers
+at width 256 with dynamic NTK and logn attention, seq_length 2048 so the 320-token rows run in the
+plain regime, vocab 151936); B rows of [7 system tokens, <img>, 256 <imgpad>, </img>, text] and B
+images of 448x448. Transformers has no class for Qwen-VL: its torch rows are the OFFICIAL remote
+code (QWenLMHeadModel from ../shared/refs/qwen_vl_v1/reference.py, $JAXFLOW_QWEN_VL_REFS), whose only
+attention path is eager, so its one torch framework is torch-eager (torch-sdpa is refused); the
+weights come from `reference.make_model` and the same files go through jaxflow's converter; torch
+runs `reference.logits` (its pixel feed, numpy out). Without the refs folder the torch rows are
+skipped with a message and jaxflow runs on its own random init. The goal (common.GOALS), printed
+next to the table: jaxflow-fused faster than torch-sdpa (Qwen-VL: than the official torch-eager).
+Each framework lives in its own fresh 'spawn' subprocess (so its peak RSS,
 ru_maxrss of that child, is its own) that loads the model once; the timed runs are then taken in
 rounds, one run per framework per round with the order rotated, so background load that drifts during
 the run affects every framework alike. The weights come from one torch model that is saved with
@@ -38,7 +47,11 @@ workers, again in interleaved rounds, after the peak RSS has been read. For qwen
 pieces take the host-built image input (`model.image_inputs`: packed patches, the tower's packing
 arrays, the M-RoPE positions), the vision piece is `model.encode_images` and the decoder piece gets
 the 3-D positions; torch's vision piece is `get_image_features(pixel_values, image_grid_thw)` and its
-decoder piece gets `get_rope_index`'s 3-D position_ids.
+decoder piece gets `get_rope_index`'s 3-D position_ids. For qwen_vl the official pieces are
+`transformer.visual(pixel_values)` (ViT + resampler), `transformer(...)` with those features fed in
+(embedding, the 32 blocks, ln_f; common.official_fixed_features) and `lm_head`; the jaxflow decoder
+piece gets the same rope tables as forward (context_len = T: NTK alpha and logn from the padded
+length).
 
 torch runs with use_cache=False under torch.inference_mode() (jaxflow's forward builds no KV cache
 either). jaxflow is timed through the public `jaxflow.forward` (host-side input validation and the
@@ -69,12 +82,32 @@ from benchmarks import common  # noqa: E402  (imports neither jax nor torch)
 
 
 def _build_and_save(workdir: str, family: str, tiles: int) -> dict:
-    """Child: build the torch bench model (fixed seed) and save_pretrained it."""
+    """Child: build the torch bench model (fixed seed) and save_pretrained it (Qwen-VL: the official
+    layout, written by reference.make_model)."""
     t0 = time.perf_counter()
-    model = common.build_torch_model("eager", config=common.bench_config(family, tiles))
+    cfg = common.bench_config(family, tiles)
+    if cfg.official:
+        hf_dir = common.make_official_model(os.path.join(workdir, "hf"), cfg)
+        return {"hf_dir": hf_dir, "num_params": common.official_num_params(hf_dir),
+                "build_save_s": time.perf_counter() - t0}
+    model = common.build_torch_model("eager", config=cfg)
     hf_dir = common.save_torch_model(model, os.path.join(workdir, "hf"))
     return {"hf_dir": hf_dir, "num_params": int(sum(p.numel() for p in model.parameters())),
             "build_save_s": time.perf_counter() - t0}
+
+
+def _build_random_jaxflow(workdir: str, family: str, tiles: int) -> dict:
+    """Child (no torch side): a jaxflow-initialised bench model, saved as a jaxflow checkpoint."""
+    import jax
+    import numpy as np
+
+    import jaxflow
+
+    t0 = time.perf_counter()
+    model = common.random_jaxflow_model(common.bench_config(family, tiles))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jaxflow.convert.checkpoint.model_params(model)))
+    ckpt = jaxflow.save_model(model, os.path.join(workdir, "jaxflow"), overwrite=True)
+    return {"ckpt": ckpt, "num_params": n, "build_save_s": time.perf_counter() - t0, "convert_s": 0.0}
 
 
 def _convert(hf_dir: str, workdir: str) -> dict:
@@ -86,6 +119,9 @@ def _convert(hf_dir: str, workdir: str) -> dict:
 
 _S: dict = {}  # per-child state of a measurement worker (model, inputs, the run closure)
 
+DEFAULT_FRAMEWORKS = ("torch-eager,torch-sdpa,jaxflow-fused,jaxflow-reference,torch-sdpa+malloc,jaxflow-fused+malloc,"
+                      "jaxflow-reference+malloc")
+
 
 def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path, family="llava", tiles=1):
     """Worker: load the torch model, make the inputs, run once (first call), save the logits."""
@@ -96,21 +132,30 @@ def _setup_torch(hf_dir, attn, batch, text_tokens, threads, logits_path, family=
     hf_logging.disable_progress_bar()
     torch.set_num_threads(threads)
     rss_import = common.current_rss_mb()
-    model = common.load_torch_model(hf_dir, attn)
+    model = common.load_torch_model(hf_dir, attn)  # Qwen-VL: the official model (eager only)
     cfg = common.bench_config(family, tiles)
-    kw = cfg.torch_inputs(*cfg.inputs_kw(batch, text_tokens))  # input_ids, attention_mask, pixel_values (+ ...)
-    ids, mask, px = kw["input_ids"], kw["attention_mask"], kw["pixel_values"]
+    if cfg.official:  # reference.logits: validation, the pixel feed, one no-cache forward, numpy out
+        ids, mask, px, _ = cfg.inputs_kw(batch, text_tokens)
+
+        def run():
+            with torch.inference_mode():
+                return common.official_logits(model, ids, px, mask)
+
+        _S.update(run=run, model=model, inputs=(ids, mask, px), torch_kw=None, official=True)
+    else:
+        kw = cfg.torch_inputs(*cfg.inputs_kw(batch, text_tokens))  # input_ids, attention_mask, pixel_values (+ ...)
+        ids, mask, px = kw["input_ids"], kw["attention_mask"], kw["pixel_values"]
+
+        def run():
+            with torch.inference_mode():
+                return model(**kw, use_cache=False).logits
+
+        _S.update(run=run, model=model, inputs=(ids, mask, px), torch_kw=kw)
     rss_loaded = common.current_rss_mb()
-
-    def run():
-        with torch.inference_mode():
-            return model(**kw, use_cache=False).logits
-
-    _S.update(run=run, model=model, inputs=(ids, mask, px), torch_kw=kw)
     t0 = time.perf_counter()
     logits = run()
     first = time.perf_counter() - t0
-    np.save(logits_path, logits.float().numpy())
+    np.save(logits_path, logits if isinstance(logits, np.ndarray) else logits.float().numpy())
     return {"first_call_s": first, "rss_after_import_mb": rss_import, "rss_after_load_mb": rss_loaded,
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
 
@@ -175,8 +220,8 @@ def _setup_breakdown_jaxflow() -> list[str]:
     @jax.jit
     def layers(m, x, ids, mask, pos_images):
         pos = m.positions(ids, mask) if pos_images is None else m.positions(ids, mask, pos_images)
-        cos, sin = m.rope_tables(pos, x.dtype)
         t = ids.shape[1]
+        cos, sin = m.rope_tables(pos, x.dtype, context_len=t)  # as forward_core (Qwen-VL: NTK from the padded T)
         allowed = F.causal_allowed(mask > 0, jnp.broadcast_to(jnp.arange(t), ids.shape), t)
         return m.language_model.run_layers(x, cos, sin, allowed, impl=impl).hidden
 
@@ -212,6 +257,8 @@ def _setup_breakdown_torch() -> list[str]:
     the vision piece gets image_grid_thw, the decoder piece `get_rope_index`'s 3-D position_ids."""
     import torch
 
+    if _S.get("official"):
+        return _setup_breakdown_official()
     model = _S["model"]
     ids, mask, px = _S["inputs"]
     kw = _S["torch_kw"]
@@ -234,6 +281,43 @@ def _setup_breakdown_torch() -> list[str]:
     def decoder():
         with torch.inference_mode():
             return inner.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **dec_kw)
+
+    def head():
+        with torch.inference_mode():
+            return model.lm_head(h)
+
+    pieces = {"vision tower + projector": vision, "decoder layers + final norm": decoder, "lm_head": head}
+    for name, fn in pieces.items():
+        fn()
+        _S[name] = fn
+    return list(pieces)
+
+
+def _setup_breakdown_official() -> list[str]:
+    """Worker (the official Qwen-VL one): its pieces, as the official forward runs them: the vision
+    tower + resampler (`transformer.visual`), the decoder (`transformer(...)`: embedding, blocks, ln_f)
+    with those features fed in, and `lm_head`."""
+    import numpy as np
+    import torch
+
+    model = _S["model"]
+    ids, mask, px = _S["inputs"]
+    ids_t = torch.as_tensor(np.asarray(ids, np.int64))
+    mask_t = torch.as_tensor(np.asarray(mask, np.int64))
+    px_t = torch.as_tensor(np.ascontiguousarray(px, np.float32))
+    tr = model.transformer
+    with torch.inference_mode():
+        feats = tr.visual(px_t)
+        with common.official_fixed_features(model, feats):
+            h = tr(input_ids=ids_t, attention_mask=mask_t, use_cache=False, return_dict=True).last_hidden_state
+
+    def vision():
+        with torch.inference_mode():
+            return tr.visual(px_t)
+
+    def decoder():
+        with torch.inference_mode(), common.official_fixed_features(model, feats):
+            return tr(input_ids=ids_t, attention_mask=mask_t, use_cache=False, return_dict=True)
 
     def head():
         with torch.inference_mode():
@@ -294,21 +378,36 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per framework (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (the first, compiling call counts)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--frameworks", default="torch-eager,torch-sdpa,jaxflow-fused,jaxflow-reference,"
-                    "torch-sdpa+malloc,jaxflow-fused+malloc,jaxflow-reference+malloc",
+    ap.add_argument("--frameworks", default=None,
                     help="comma list of {torch-eager,torch-sdpa,jaxflow-fused,jaxflow-reference}[+malloc]; "
-                    "+malloc runs that worker with common.TUNED_MALLOC_ENV (glibc keeps large freed blocks)")
+                    "+malloc runs that worker with common.TUNED_MALLOC_ENV (glibc keeps large freed blocks); "
+                    f"default {DEFAULT_FRAMEWORKS} (qwen_vl: torch-eager in place of torch-sdpa, the official "
+                    "code is eager only)")
     ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the pieces (vision, decoder, lm_head) of jaxflow-fused and torch-sdpa")
+                    help="also time the pieces (vision, decoder, lm_head) of jaxflow-fused and torch-sdpa "
+                    "(qwen_vl: the official torch-eager)")
     ap.add_argument("--workdir", default=None, help="where the HF and jaxflow checkpoints go (default: a tmp dir)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/forward[-<config>].json")
     args = ap.parse_args(argv)
     cfg = common.config_from_args(args)
     args.out = args.out or common.results_path("forward", cfg)
+    if args.frameworks is None:  # Qwen-VL: torch-sdpa's rows become the official torch-eager's
+        fws = [f.replace("torch-sdpa", cfg.torch_baseline) for f in DEFAULT_FRAMEWORKS.split(",")]
+        args.frameworks = ",".join(dict.fromkeys(fws))
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env = common.set_threads(args.threads)  # before anything imports jax or torch (children inherit)
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    for fw in frameworks:
+        kind, _, variant = fw.partition("+")[0].partition("-")
+        if kind == "torch" and variant not in cfg.torch_attn_impls:
+            raise SystemExit(f"{fw}: the {cfg.name} torch side has {', '.join(cfg.torch_attn_impls)} attention only"
+                             + (" (the official Qwen-VL code)" if cfg.official else ""))
+    baseline = cfg.torch_baseline  # the goal's torch row: torch-sdpa, or the official torch-eager for Qwen-VL
+    no_torch = common.torch_side_missing(cfg)
+    if no_torch and any(f.startswith("torch") for f in frameworks):
+        print(no_torch, flush=True)
+        frameworks = [f for f in frameworks if not f.startswith("torch")]
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="jaxflow-bench-")
     workdir = args.workdir or tmp.name
     os.makedirs(workdir, exist_ok=True)
@@ -322,10 +421,18 @@ def main(argv=None):
         images = f"{args.batch * cfg.tiles} x {cfg.image_size} px"
     print(f"bench config {cfg.name}: {cfg.describe()}\ninput {args.batch} x {seq} tokens + {args.batch} image(s) "
           f"({images}); threads {args.threads}; repeats {args.repeats}", flush=True)
+    if cfg.official:
+        print(f"torch-eager = the official Qwen-VL remote code (QWenLMHeadModel via {common.qwen_vl_refs_dir()}/"
+              "reference.py; eager attention is its only path)", flush=True)
 
-    prep, _ = common.run_isolated(_build_and_save, workdir, cfg.family, cfg.tiles)
-    conv, conv_rss = common.run_isolated(_convert, prep["hf_dir"], workdir)
-    prep.update(conv, converter_peak_rss_mb=conv_rss, weights_mb=prep["num_params"] * 4 / 2**20)
+    if no_torch and cfg.official:  # nothing to convert from: jaxflow's own init, saved as a checkpoint
+        prep, _ = common.run_isolated(_build_random_jaxflow, workdir, cfg.family, cfg.tiles)
+        conv_rss = 0.0
+    else:
+        prep, _ = common.run_isolated(_build_and_save, workdir, cfg.family, cfg.tiles)
+        conv, conv_rss = common.run_isolated(_convert, prep["hf_dir"], workdir)
+        prep.update(conv)
+    prep.update(converter_peak_rss_mb=conv_rss, weights_mb=prep["num_params"] * 4 / 2**20)
     print(f"prepared: {prep['num_params'] / 1e6:.1f}M params ({prep['weights_mb']:.0f} MiB fp32), build+save "
           f"{prep['build_save_s']:.1f}s, convert {prep['convert_s']:.1f}s (converter process peak RSS "
           f"{conv_rss:.0f} MiB)", flush=True)
@@ -372,9 +479,9 @@ def main(argv=None):
         breakdown = {}
         if args.breakdown:  # pieces of the fused/sdpa forwards, in the same workers, interleaved too
             calls = {}
-            for fw, setup in (("jaxflow-fused", _setup_breakdown_jaxflow), ("torch-sdpa", _setup_breakdown_torch),
+            for fw, setup in (("jaxflow-fused", _setup_breakdown_jaxflow), (baseline, _setup_breakdown_torch),
                               ("jaxflow-fused+malloc", _setup_breakdown_jaxflow),
-                              ("torch-sdpa+malloc", _setup_breakdown_torch)):
+                              (baseline + "+malloc", _setup_breakdown_torch)):
                 if fw in workers:
                     for name in workers[fw].call(setup):
                         calls[f"{fw}: {name}"] = (workers[fw], name)
@@ -416,11 +523,14 @@ def main(argv=None):
           f"diffs vs {ref}{' over real tokens' if 'compared' in diffs else ''}; max |logit| there "
           f"{diffs['reference_max_abs_logit']:.3f}; ratios are "
           "tokens/s of the row over torch-sdpa / torch-eager run with the same malloc setting; +malloc = "
-          f"{' '.join(f'{k}={v}' for k, v in common.TUNED_MALLOC_ENV.items())})")
+          f"{' '.join(f'{k}={v}' for k, v in common.TUNED_MALLOC_ENV.items())}"
+          + ("; torch-eager = the official Qwen-VL code" if cfg.official and not no_torch else "") + ")")
+    if no_torch:
+        print(no_torch)
     goal = common.GOALS["jaxflow_forward_over_torch_sdpa_speed_min"]
     goals = {}
     for fw in results:
-        base = "torch-sdpa" + ("+malloc" if fw.endswith("+malloc") else "")
+        base = baseline + ("+malloc" if fw.endswith("+malloc") else "")
         if fw.startswith("jaxflow-fused") and ratio(fw, base) is not None:
             goals[f"{fw} / {base}"] = r = ratio(fw, base)
             print(f"goal: {fw} faster than {base} (tokens/s ratio > {goal:g}): {r:.2f}x "
@@ -444,7 +554,9 @@ def main(argv=None):
         "ratios": {f"{fw} / {base}{'+malloc' if fw.endswith('+malloc') else ''}": ratio(fw, base)
                    for fw in results if fw.startswith("jaxflow") for base in ("torch-sdpa", "torch-eager")
                    if ratio(fw, base) is not None},
-        "goals": {"jaxflow_fused_over_torch_sdpa_min": goal, "measured": goals},
+        "goals": {"jaxflow_fused_over_torch_sdpa_min": goal, "baseline": baseline, "measured": goals},
+        "torch_side": ("official Qwen-VL remote code (eager), " + common.qwen_vl_refs_dir()) if cfg.official
+        and not no_torch else (no_torch or "transformers"),
         "tuned_malloc_env": common.TUNED_MALLOC_ENV,
         "loadavg_1min_before_after": loads, "logit_diffs": diffs, "breakdown_s": breakdown,
         "wall_s": time.perf_counter() - t_start,

@@ -28,17 +28,35 @@ the real vocabulary. Every benchmark takes `--family` (and `--tiles` for InternV
                      one image per row, rows alternating image_grid_thw (1, 48, 48) -> 576 tokens (672 px)
                      and (1, 36, 36) -> 324 tokens (504 px), the 324-token rows left-padded to the longest;
                      pixel_values (total patches, 3*2*14*14) and image_grid_thw (B, 3) int64
+  qwen_vl   Qwen-VL (v1, 2023) structure; transformers has no class for it, so the torch side is the
+            OFFICIAL remote code (QWenLMHeadModel, eager attention, its only path) run offline through
+            ../shared/refs/qwen_vl_v1/reference.py ($JAXFLOW_QWEN_VL_REFS), 256 image tokens per image
+            decoder  Qwen-7B style (c_attn with bias, w2 gate), 32 layers (the real depth), hidden 256 =
+                     4 heads x kv_channels 64, MLP 688 (intermediate_size 1376, Qwen-7B's ratio), vocab
+                     151936 (Qwen-VL's), untied; dynamic NTK + logn attention on, seq_length 2048 (the
+                     real value: the bench prompt, T = 320, runs in the plain regime, alpha 1, no logn)
+            vision   ViT 448 px, patch 14 (32x32 patches: the 16x16 positional table is bicubically
+                     enlarged, as in the real model), width 128, 4 layers, 4 heads, mlp_ratio 4.9231;
+                     resampler of the real 256 queries, output_dim 256 (= hidden, 2 heads of 128)
+            row      [7 system tokens, <img>, 256 <imgpad>, </img>, text] (the real tokenizer's ids
+                     151857/151858/151859); one image per row, pixel_values (B, 3, 448, 448)
+            weights  written by reference.make_model (the official layout, its seeded init); the same
+                     files go through jaxflow's real converter. Without the refs folder the torch side is
+                     skipped with a message and jaxflow runs on its own random init.
 
 `bench_config(family, tiles)` returns a `BenchConfig` with everything a benchmark needs (the
 transformers config, the torch class, the inputs, the header line). `BenchConfig.inputs_kw` gives the
 inputs of any family as (input_ids, attention_mask, pixel_values, image_kw), image_kw being the
 family's image arguments for jaxflow's entry points ({} for LLaVA and InternVL, {"image_grid_thw": ...}
 for Qwen2-VL); `BenchConfig.torch_inputs` turns them into transformers' forward kwargs; `inputs`
-(LLaVA and InternVL only) is the older 3-tuple. Weights are random (no download
+(LLaVA, InternVL and Qwen-VL) is the older 3-tuple. Weights are random (no download
 ever). `build_torch_model` makes the transformers model, `build_jaxflow_model` pushes the same weights
 through the real converter (save_pretrained -> jaxflow.convert_checkpoint -> jaxflow.load), so both
 frameworks hold identical parameters; `random_jaxflow_model` is a jaxflow-initialised model of the
-same structure (for benchmarks that compare jaxflow with itself).
+same structure (for benchmarks that compare jaxflow with itself). Qwen-VL's torch side is the
+official code instead: `make_official_model` (reference.make_model), `load_official_model`,
+`official_logits`, `official_sweep_cases`, `official_cam_cases`; `torch_side_missing(cfg)` says why
+it cannot run (no refs folder), in which case the benchmarks skip it with that message.
 
 Goals every benchmark prints next to its figures (`GOALS`): jaxflow's forward faster than torch sdpa,
 the (L+1)-variant truncation sweep <= 3x one forward, the all-layer CAM <= 3.5x one forward.
@@ -117,13 +135,32 @@ QWEN2VL_TOP = dict(image_token_id=QWEN2VL_IMAGE_TOKEN_ID, video_token_id=QWEN2VL
                    tie_word_embeddings=False)
 
 
+# ----- the Qwen-VL (v1) bench config: the official config.json keys (reference.make_model overrides); the real
+# tokenizer's ids (<img> 151857, </img> 151858, <imgpad> 151859, <|endoftext|> 151643)
+QWENVL_VOCAB_SIZE = 151936
+QWENVL_IMG_START, QWENVL_IMG_END = 151857, 151858
+QWENVL_IMAGE_TOKEN_ID = 151859  # <imgpad>: the 256 slots of an image span get the image's features
+QWENVL_TEXT_ID_MAX = 151643  # ids below this are ordinary text tokens (151643 = <|endoftext|>)
+QWENVL_IMAGE_SIZE = 448  # 32 x 32 patches, as the real model: the 16 x 16 positional tables are enlarged (bicubic)
+QWENVL_QUERIES = 256  # the real resampler's query count = image tokens per image
+QWENVL_TEXT = dict(vocab_size=QWENVL_VOCAB_SIZE, hidden_size=256, num_attention_heads=4, kv_channels=64,
+                   intermediate_size=1376, num_hidden_layers=32, seq_length=2048, max_position_embeddings=8192,
+                   layer_norm_epsilon=1e-6, rotary_emb_base=10000, rotary_pct=1.0, no_bias=True,
+                   use_dynamic_ntk=True, use_logn_attn=True, tie_word_embeddings=False)
+QWENVL_VISION = dict(width=128, layers=4, heads=4, mlp_ratio=4.9231, image_size=QWENVL_IMAGE_SIZE,
+                     patch_size=PATCH_SIZE, n_queries=QWENVL_QUERIES, output_dim=256, image_start_id=QWENVL_IMG_START)
+QWENVL_REFS_ENV = "JAXFLOW_QWEN_VL_REFS"
+QWENVL_REFS_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                                   "refs", "qwen_vl_v1")
+
+
 def qwen2vl_grid_tokens(grid) -> int:
     """Image tokens of one (t, h, w) patch grid: t * h * w / merge^2."""
     t, h, w = grid
     return t * h * w // (QWEN2VL_MERGE * QWEN2VL_MERGE)
 
 
-FAMILIES = ("llava", "internvl", "qwen2_vl")
+FAMILIES = ("llava", "internvl", "qwen2_vl", "qwen_vl")
 INTERNVL_TILES = (1, 3)  # one tile, or 1x2 tiles + the thumbnail
 
 # the goals every benchmark prints next to its figures
@@ -139,16 +176,16 @@ GOALS = {"jaxflow_forward_over_torch_sdpa_speed_min": 1.0,  # tokens/s ratio: fa
 class BenchConfig:
     """One bench config: the model structure (by family) and the image layout of the inputs (tiles)."""
 
-    family: str  # "llava" | "internvl" | "qwen2_vl"
-    tiles: int  # pixel rows per image: 1 for LLaVA and Qwen2-VL; InternVL 1, or 3 (1x2 tiles + thumbnail)
+    family: str  # "llava" | "internvl" | "qwen2_vl" | "qwen_vl"
+    tiles: int  # pixel rows per image: 1 for LLaVA, Qwen2-VL and Qwen-VL; InternVL 1, or 3 (1x2 tiles + thumbnail)
     image_token_id: int
     vocab_size: int
     num_layers: int  # decoder layers L (the sweep has L + 1 variants)
     image_size: int  # px of one image (LLaVA), one tile (InternVL), the largest image's side (Qwen2-VL)
     tokens_per_image: int  # image tokens in a row (one image per row; Qwen2-VL: the largest image's)
-    prefix_len: int  # tokens before the image block (the system prompt; InternVL/Qwen2-VL: ending with <img>)
-    text: dict
-    vision: dict
+    prefix_len: int  # tokens before the image block (the system prompt; InternVL/Qwen2-VL/Qwen-VL: ending with <img>)
+    text: dict  # Qwen-VL: the official config.json's top-level keys
+    vision: dict  # Qwen-VL: its `visual` section
     top: dict
     image_grids: tuple = ()  # Qwen2-VL: the (t, h, w) patch grids that rows cycle through
 
@@ -161,11 +198,31 @@ class BenchConfig:
     @property
     def torch_class_name(self) -> str:
         return {"llava": "LlavaForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
-                "qwen2_vl": "Qwen2VLForConditionalGeneration"}[self.family]
+                "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                "qwen_vl": "QWenLMHeadModel (official remote code)"}[self.family]
+
+    @property
+    def official(self) -> bool:
+        """True when the torch side is the official remote code (Qwen-VL), not a transformers class."""
+        return self.family == "qwen_vl"
+
+    @property
+    def torch_attn_impls(self) -> tuple:
+        """The torch attention paths there are: transformers' eager and sdpa; the official Qwen-VL code
+        has eager attention only (its flash path is dead code)."""
+        return ("eager",) if self.official else ("eager", "sdpa")
+
+    @property
+    def torch_baseline(self) -> str:
+        """The torch row the forward goal compares with: torch-sdpa, or torch-eager (the official code) for Qwen-VL."""
+        return f"torch-{self.torch_attn_impls[-1]}"
 
     def torch_class(self):
         import transformers
 
+        if self.official:
+            raise ValueError("qwen_vl has no transformers class: the torch side is the official remote code "
+                             "(make_official_model / load_official_model)")
         return getattr(transformers, self.torch_class_name)
 
     def seq_len(self, text_tokens: int) -> int:
@@ -187,6 +244,15 @@ class BenchConfig:
                     f"{t['rope_parameters']['mrope_section']}), vocab {self.vocab_size}; ViT {v['depth']} layers x "
                     f"{v['embed_dim']} ({v['num_heads']} heads), patch {v['patch_size']}, 2x2 merge -> "
                     f"{v['hidden_size']}; one image per row, rows alternating {sizes}, left-padded")
+        if self.family == "qwen_vl":
+            g = v["image_size"] // v["patch_size"]
+            return (f"Qwen-VL (v1) structure, torch side the official remote code: Qwen decoder "
+                    f"{t['num_hidden_layers']} layers x {t['hidden_size']} wide ({t['num_attention_heads']} heads of "
+                    f"{t['kv_channels']}, MLP {t['intermediate_size'] // 2}, dynamic NTK + logn, seq_length "
+                    f"{t['seq_length']}), vocab {self.vocab_size}; ViT {v['layers']} layers x {v['width']} "
+                    f"({v['heads']} heads), {v['image_size']} px -> {g}x{g} patches (16x16 positional table "
+                    f"bicubically enlarged), resampler {v['n_queries']} queries ({v['output_dim'] // 128} heads) -> "
+                    f"{self.tokens_per_image} image tokens per image")
         layout = "1 tile" if self.tiles == 1 else f"{self.tiles} tiles (1x{self.tiles - 1} + thumbnail)"
         return (f"InternVL structure: Qwen2 {t['num_hidden_layers']} layers x {t['hidden_size']} wide "
                 f"({t['num_attention_heads']} heads of {t['hidden_size'] // t['num_attention_heads']}, "
@@ -207,6 +273,9 @@ class BenchConfig:
     def hf_config(self, **overrides):
         """The transformers config. Overrides: `text=dict(...)`, `vision=dict(...)`, or any top-level
         field (e.g. `cfg.hf_config(text=dict(num_hidden_layers=4))`)."""
+        if self.official:
+            raise ValueError("qwen_vl has no transformers config: use BenchConfig.config_dict() (the official "
+                             "config.json)")
         text = {**self.text, **overrides.pop("text", {})}
         vision = {**self.vision, **overrides.pop("vision", {})}
         top = {**self.top, **overrides}
@@ -224,6 +293,19 @@ class BenchConfig:
 
         return InternVLConfig(vision_config=InternVLVisionConfig(**vision).to_dict(),
                               text_config=Qwen2Config(**text).to_dict(), **top)
+
+    def config_dict(self) -> dict:
+        """The checkpoint's config.json as a dict: the transformers config's `to_dict()`, or for Qwen-VL the
+        official config (model_type "qwen", the `visual` section), what `reference.make_model` writes."""
+        if not self.official:
+            return self.hf_config().to_dict()
+        return {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", **self.text, "visual": dict(self.vision)}
+
+    def official_overrides(self) -> dict:
+        """Qwen-VL: the keyword arguments of `reference.make_model` that give this structure."""
+        if not self.official:
+            raise ValueError(f"{self.family} is built with transformers, not the official Qwen-VL code")
+        return {**self.text, "visual": dict(self.vision)}
 
     def inputs_kw(self, batch: int = 4, text_tokens: int = 64, seed: int = 0):
         """Any family: numpy (input_ids (B, T) int64, attention_mask (B, T) int64, pixel_values float32,
@@ -269,14 +351,16 @@ class BenchConfig:
         return out
 
     def inputs(self, batch: int = 4, text_tokens: int = 64, seed: int = 0):
-        """LLaVA and InternVL (Qwen2-VL needs image_grid_thw too: `inputs_kw`):
+        """LLaVA, InternVL and Qwen-VL (Qwen2-VL needs image_grid_thw too: `inputs_kw`):
         numpy (input_ids (B, T) int64, attention_mask (B, T) int64 all ones, pixel_values float32),
         T = tokens_per_image + text_tokens, one image per row after `prefix_len` tokens.
         LLaVA: [BOS, 7 system tokens, 576 image tokens, text]; pixel_values (B, 3, 336, 336).
         InternVL: [7 system tokens, <img>, 256 * tiles image tokens, </img>, text]; pixel_values
         (B * tiles, 3, 448, 448), row b's tiles at [b * tiles, (b + 1) * tiles).
+        Qwen-VL: [7 system tokens, <img>, 256 <imgpad>, </img>, text] with the real tokenizer's ids (the
+        official layout: every slot between the markers is <imgpad>); pixel_values (B, 3, 448, 448).
         Text ids avoid the image token and the special ids; text_tokens must exceed prefix_len (+1 for
-        InternVL's </img>)."""
+        InternVL's and Qwen-VL's </img>)."""
         if self.family == "qwen2_vl":
             raise ValueError("qwen2_vl inputs carry image_grid_thw: use BenchConfig.inputs_kw")
         after_min = 1 if self.family == "llava" else 2  # a text token after the image (and </img>)
@@ -290,9 +374,11 @@ class BenchConfig:
             ids = rng.randint(3, IMAGE_TOKEN_ID, size=(batch, t)).astype(np.int64)
             ids[:, 0] = self.text["bos_token_id"]
         else:
-            ids = rng.randint(3, INTERNVL_TEXT_ID_MAX, size=(batch, t)).astype(np.int64)
-            ids[:, img.start - 1] = INTERNVL_IMG_START
-            ids[:, img.stop] = INTERNVL_IMG_END
+            start, end, id_max = ((QWENVL_IMG_START, QWENVL_IMG_END, QWENVL_TEXT_ID_MAX) if self.family == "qwen_vl"
+                                  else (INTERNVL_IMG_START, INTERNVL_IMG_END, INTERNVL_TEXT_ID_MAX))
+            ids = rng.randint(3, id_max, size=(batch, t)).astype(np.int64)
+            ids[:, img.start - 1] = start
+            ids[:, img.stop] = end
         ids[:, img] = self.image_token_id
         mask = np.ones((batch, t), np.int64)
         pixels = rng.randn(batch * self.tiles, 3, self.image_size, self.image_size).astype(np.float32)
@@ -300,8 +386,8 @@ class BenchConfig:
 
 
 def bench_config(family: str = "llava", tiles: int = 1) -> BenchConfig:
-    """The bench config of `family` ("llava", "internvl" or "qwen2_vl"); tiles: InternVL tiles per image
-    (1 or 3)."""
+    """The bench config of `family` ("llava", "internvl", "qwen2_vl" or "qwen_vl"); tiles: InternVL tiles per
+    image (1 or 3)."""
     if family == "llava":
         if tiles != 1:
             raise ValueError("LLaVA takes one 336 px image per row (tiles must be 1)")
@@ -320,6 +406,11 @@ def bench_config(family: str = "llava", tiles: int = 1) -> BenchConfig:
                            max(g[1] for g in QWEN2VL_GRIDS) * PATCH_SIZE,
                            max(qwen2vl_grid_tokens(g) for g in QWEN2VL_GRIDS), SYSTEM_PREFIX_LEN, QWEN2VL_TEXT,
                            QWEN2VL_VISION, QWEN2VL_TOP, QWEN2VL_GRIDS)
+    if family == "qwen_vl":
+        if tiles != 1:
+            raise ValueError("the Qwen-VL bench config takes one 448 px image per row (tiles must be 1)")
+        return BenchConfig("qwen_vl", 1, QWENVL_IMAGE_TOKEN_ID, QWENVL_VOCAB_SIZE, QWENVL_TEXT["num_hidden_layers"],
+                           QWENVL_IMAGE_SIZE, QWENVL_QUERIES, SYSTEM_PREFIX_LEN, QWENVL_TEXT, QWENVL_VISION, {})
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
@@ -328,7 +419,9 @@ def add_config_args(ap):
     ap.add_argument("--family", choices=FAMILIES, default="llava",
                     help="bench config: llava (default; LLaVA-1.5 structure), internvl (InternVL3 structure: "
                     "InternViT on 448 px tiles, 256 tokens per tile, Qwen2 28 layers) or qwen2_vl (Qwen2-VL "
-                    "structure: images of 576 and 324 tokens in alternate rows, M-RoPE, Qwen2 28 layers); see "
+                    "structure: images of 576 and 324 tokens in alternate rows, M-RoPE, Qwen2 28 layers) or qwen_vl "
+                    "(Qwen-VL v1 structure: 448 px ViT, 256-query resampler, Qwen 32 layers with dynamic NTK and "
+                    "logn; torch side = the official remote code from $JAXFLOW_QWEN_VL_REFS); see "
                     "benchmarks/common.py")
     ap.add_argument("--tiles", type=int, choices=INTERNVL_TILES, default=1,
                     help="internvl: tiles per image, 1 or 3 (1x2 tiles + thumbnail)")
@@ -359,6 +452,8 @@ def build_torch_model(attn_implementation: str = "sdpa", seed: int = TORCH_SEED,
     if attn_implementation not in ("eager", "sdpa"):
         raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {attn_implementation!r}")
     cfg = _as_config(config)
+    if cfg.official:
+        raise ValueError("qwen_vl: the torch side is the official remote code, built by make_official_model")
     torch.manual_seed(seed)
     model = cfg.torch_class()._from_config(cfg.hf_config(**config_overrides), attn_implementation=attn_implementation,
                                            dtype=torch.float32)
@@ -397,6 +492,10 @@ def load_torch_model(hf_dir: str, attn_implementation: str):
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         family = json.load(f)["model_type"]
+    if family == "qwen":  # the official Qwen-VL layout: its own remote code, eager attention only
+        if attn_implementation != "eager":
+            raise ValueError(f"the official Qwen-VL code has eager attention only, not {attn_implementation!r}")
+        return load_official_model(hf_dir)
     cls = getattr(transformers, bench_config(family, 1).torch_class_name)
     model = cls.from_pretrained(hf_dir, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval()
@@ -409,7 +508,7 @@ def random_jaxflow_model(config: BenchConfig | str | None = None, seed: int = 0)
     from flax import nnx
 
     cfg = _as_config(config)
-    d = cfg.hf_config().to_dict()
+    d = cfg.config_dict()
     if cfg.family == "llava":
         from jaxflow.models.config import from_hf_dict
         from jaxflow.models.llava import Llava
@@ -420,11 +519,219 @@ def random_jaxflow_model(config: BenchConfig | str | None = None, seed: int = 0)
     return build_model(config_from_hf_dict(d), rngs=nnx.Rngs(seed))
 
 
+# --------------------------------------------------------------------------- Qwen-VL's torch side: the official code
+
+
+def qwen_vl_refs_dir() -> str:
+    """The offline Qwen-VL v1 reference folder: $JAXFLOW_QWEN_VL_REFS, default <repo>/../shared/refs/qwen_vl_v1."""
+    return os.path.abspath(os.environ.get(QWENVL_REFS_ENV) or QWENVL_REFS_DEFAULT)
+
+
+def torch_side_missing(config: BenchConfig | str | None = None) -> str | None:
+    """None when the config's torch side can run, else one line saying why not. Only Qwen-VL can lack it:
+    its torch side is the official remote code in the refs folder (reference.py + remote/), which needs
+    torch, transformers, safetensors and einops. Imports nothing (safe before `set_threads`)."""
+    import importlib.util
+
+    cfg = _as_config(config)
+    if not cfg.official:
+        return None
+    d = qwen_vl_refs_dir()
+    if not os.path.isfile(os.path.join(d, "reference.py")):
+        return (f"skipping the qwen_vl torch side (the official Qwen-VL code): no reference.py in {d} "
+                f"(set {QWENVL_REFS_ENV} to the qwen_vl_v1 reference folder)")
+    missing = [m for m in ("torch", "transformers", "safetensors", "einops") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"skipping the qwen_vl torch side (the official Qwen-VL code): {', '.join(missing)} not installed"
+    return None
+
+
+_QREF = []
+
+
+def qwen_vl_reference():
+    """The refs folder's reference.py, imported once per process without writing bytecode into the shared
+    folder (as tests/golden/qwen_vl/make_golden.py does). RuntimeError (the `torch_side_missing` line)
+    when it cannot be used."""
+    if _QREF:
+        return _QREF[0]
+    why = torch_side_missing("qwen_vl")
+    if why:
+        raise RuntimeError(why)
+    import sys
+
+    refs = qwen_vl_refs_dir()
+    dont = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, refs)
+    try:
+        import reference as qref
+    finally:
+        sys.path.remove(refs)
+        sys.dont_write_bytecode = dont
+    if os.path.dirname(os.path.abspath(qref.__file__)) != refs:
+        raise RuntimeError(f"imported {qref.__file__}, expected the reference.py in {refs}")
+    _QREF.append(qref)
+    return qref
+
+
+def make_official_model(out_dir: str, config: BenchConfig | str | None = "qwen_vl", seed: int = 0) -> str:
+    """Qwen-VL: `reference.make_model` writes the bench structure with random weights (its own seeded
+    init) in the official layout (config.json, the remote code, tokenizer and licence files,
+    model.safetensors with the `transformer.*` keys); returns out_dir. These files are what both the
+    official torch model and jaxflow's converter read."""
+    overrides = _as_config(config).official_overrides()
+    return qwen_vl_reference().make_model(out_dir, seed=seed, **overrides)
+
+
+def official_num_params(model_dir: str) -> int:
+    """Parameter count of an official-layout directory, read from the safetensors headers."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(os.listdir(model_dir)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, f), "np") as sf:
+                for k in sf.keys():
+                    n += int(np.prod(sf.get_slice(k).get_shape()))
+    return n
+
+
+def load_official_model(model_dir: str):
+    """The official QWenLMHeadModel (eval, fp32, eager attention: the only path the code has) of a
+    directory, through `reference.load_model` (its shims; every tensor checked against the files).
+    transformers' logging is set to errors only (the remote code trips v5 deprecation notices)."""
+    qref = qwen_vl_reference()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    return qref.load_model(model_dir)
+
+
+def official_logits(model, ids, pixels, mask):
+    """One official forward, no cache: `reference.logits` (input validation, the pixel feed, numpy out):
+    (B, T, V) float32."""
+    return qwen_vl_reference().logits(model, ids, pixels, mask)
+
+
+def _official_image_token(model) -> int:
+    return int(model.config.visual["image_start_id"]) + 2  # <imgpad>
+
+
+class official_fixed_features:
+    """Context manager: the official forward takes these (n_images, 256, D) features instead of running
+    the vision tower (the same hook as reference.py's pixel feed, `visual.encode`, with precomputed
+    output); for timing the decoder on its own."""
+
+    def __init__(self, model, features):
+        self.vis, self.features = model.transformer.visual, features
+
+    def __enter__(self):
+        self.vis.encode = lambda paths: self.features
+        return self
+
+    def __exit__(self, *exc):
+        del self.vis.encode
+
+
+def official_sweep_cases(model, ids, pix, mask) -> dict:
+    """The torch side of bench_sweep for Qwen-VL, on the official model (closures, numpy outputs):
+      torch_forward  one official forward (`reference.logits`), all logits
+      torch_loop     one official forward per cut layer K = 0..L, each with the image-token keys
+                     (the 256 <imgpad> columns) masked from layer K on: finfo(float32).min added to the
+                     additive mask that every decoder block l >= K receives (a forward pre-hook, as
+                     tests/golden/qwen_vl/make_golden.py does); the logits from </img> on, like
+                     sweep_cases' forward_loop
+    K = L is the plain forward."""
+    import torch
+
+    qref = qwen_vl_reference()
+    blocks = model.transformer.h
+    img = np.asarray(ids) == _official_image_token(model)
+    after = np.arange(int(np.flatnonzero(img[0])[-1]) + 1, ids.shape[1])
+    add = torch.where(torch.as_tensor(img)[:, None, None, :], torch.tensor(torch.finfo(torch.float32).min),
+                      torch.tensor(0.0))
+
+    def hook(_mod, args, kwargs):
+        if kwargs.get("attention_mask") is None:
+            raise RuntimeError("the official block got no attention_mask (pass one)")
+        return args, {**kwargs, "attention_mask": kwargs["attention_mask"] + add}
+
+    def masked(k):
+        hs = [blk.register_forward_pre_hook(hook, with_kwargs=True) for i, blk in enumerate(blocks) if i >= k]
+        try:
+            return qref.logits(model, ids, pix, mask)[:, after]
+        finally:
+            for h in hs:
+                h.remove()
+
+    return {"torch_forward": lambda: qref.logits(model, ids, pix, mask),
+            "torch_loop": lambda: [masked(k) for k in range(len(blocks) + 1)]}
+
+
+def official_cam_cases(model, ids, pix, mask, answer_mask) -> dict:
+    """The torch side of bench_cam for Qwen-VL, on the official model (closures, numpy outputs):
+      torch_forward     one official forward (`reference.logits`)
+      torch_cam         the paper's LLaVA-CAM of every layer by autograd as
+                        tests/golden/qwen_vl/make_golden.py computes it: forward hooks keep each block's
+                        ln_2 output (the MLP input), one forward with the pixel feed and one backward of
+                        sum_p logits[b, p-1, ids[b, p]] over the answer tokens, weights requiring grad as
+                        loaded; map = relu(mean_D(mean_N(relu(g)) * h)) at the 256 <imgpad> positions
+      torch_cam_frozen  the same with every weight frozen (requires_grad False), so the backward
+                        computes activation gradients only, as jaxflow's does
+    Each returns the raw maps (B, L, 256) float32."""
+    import torch
+
+    qref = qwen_vl_reference()
+    ids = np.asarray(ids)
+    b_n = ids.shape[0]
+    img_pos = torch.as_tensor(np.stack([np.flatnonzero(r == _official_image_token(model)) for r in ids]))
+    bidx = torch.arange(b_n)[:, None]
+    terms = [(b, int(p)) for b in range(b_n) for p in np.flatnonzero(np.asarray(answer_mask)[b])]
+    ids_t = torch.as_tensor(ids.astype(np.int64))
+    pix_t = torch.as_tensor(np.ascontiguousarray(pix, dtype=np.float32))
+    am_t = torch.as_tensor(np.asarray(mask).astype(np.int64))
+    params = list(model.parameters())
+
+    def cam(frozen: bool):
+        outs = []
+
+        def keep(_mod, _inp, out):
+            if out.requires_grad:
+                out.retain_grad()
+            else:  # frozen weights: the first kept output starts the graph
+                out.requires_grad_(True)
+            outs.append(out)
+
+        flags = [p.requires_grad for p in params]
+        if frozen:
+            for p in params:
+                p.requires_grad_(False)
+        hs = [blk.ln_2.register_forward_hook(keep) for blk in model.transformer.h]
+        try:
+            with torch.enable_grad(), qref._feed_pixels(model, pix_t):
+                lg = model(input_ids=ids_t, attention_mask=am_t, use_cache=False, return_dict=True).logits
+            torch.stack([lg[b, p - 1, int(ids[b, p])] for b, p in terms]).sum().backward()
+        finally:
+            for h in hs:
+                h.remove()
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+            model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            g = torch.stack([o.grad[bidx, img_pos] for o in outs], 1)  # (B, L, N, D)
+            h = torch.stack([o.detach()[bidx, img_pos] for o in outs], 1)
+            return torch.relu((torch.relu(g).mean(-2, keepdim=True) * h).mean(-1)).numpy()
+
+    return {"torch_forward": lambda: qref.logits(model, ids, pix, mask),
+            "torch_cam": lambda: cam(False), "torch_cam_frozen": lambda: cam(True)}
+
+
 # --------------------------------------------------------------------------- inputs
 
 
 def bench_inputs(batch: int = 4, text_tokens: int = 64, seed: int = 0, config: BenchConfig | str | None = None):
-    """The bench config's numpy inputs (default LLaVA; LLaVA and InternVL only): input_ids (B, N +
+    """The bench config's numpy inputs (default LLaVA; LLaVA, InternVL and Qwen-VL): input_ids (B, N +
     text_tokens) int64, attention_mask all ones, pixel_values float32; see `BenchConfig.inputs`
     (`BenchConfig.inputs_kw` for any family)."""
     return _as_config(config).inputs(batch, text_tokens, seed)

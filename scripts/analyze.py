@@ -7,9 +7,13 @@ and the bundled image (no downloads):
     python scripts/analyze.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg \\
         --question "Is there a cat in the image?" --methods paper,gradcam --smooth_n 8 --out outputs/cat
     python scripts/analyze.py --checkpoint checkpoints/internvl3-1b --image cat.jpg --question "Is there a cat?"
+    python scripts/analyze.py --images photos/ --question "Is there a cat?"      # every image in a folder
+    python scripts/analyze.py --images items.jsonl --batch_size 4   # {"image": ..., "question": ...} per line
 Without --answer the model's greedy answer is generated first and then teacher-forced.
 Outputs (in --out): cam_{method}.png, cam_{method}_tokens.png, attention_shares.png,
-attention_layer{K}.png, image_attention.png, flows.png, model_input.png, arrays.npz, summary.json.
+attention_layer{K}.png, image_attention.png, flows.png, model_input.png, arrays.npz, summary.json and
+report.html (one self-contained page: figures, tables, settings, model, the prompt as tokenised). With
+--images: those files per item in OUT/<index>_<image stem>/, and one report.html and items.json in OUT.
 Overlays are drawn on the original image (LLaVA: over the part the centre crop keeps, or the padded
 square with --pad_square; InternVL: over the whole image, its tiles' grids stitched); model_input.png is
 what the model sees (LLaVA: the preprocessed image; InternVL: the tiles and the thumbnail).
@@ -24,6 +28,10 @@ from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
 flags.DEFINE_string("image", None, "image file (default: the bundled demo image)")
+flags.DEFINE_string("images", None, "several images: a folder (every image file in it, sorted, each with --question) "
+                    "or a JSON-lines file of {\"image\": path, \"question\": text} lines (relative paths from the "
+                    "file's folder; an optional \"answer\" is explained instead of the greedy one)")
+flags.DEFINE_integer("batch_size", 8, "with --images: items per forward/backward batch")
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
 flags.DEFINE_string("answer", None, "answer to explain (teacher-forced); default: the model's greedy answer")
 flags.DEFINE_list("methods", ["paper", "gradcam"], "CAM methods, comma-separated: paper, gradcam, gradxact")
@@ -54,8 +62,13 @@ def main(argv):
     from jaxflow import tiny
     from jaxflow.viz.report import AnalyzeError, run_analysis
 
+    if FLAGS.image and FLAGS.images:
+        print("error: --image and --images are mutually exclusive: pass one", file=sys.stderr)
+        sys.exit(2)
+    image = None if FLAGS.images else (FLAGS.image or tiny.DEMO_IMAGE)
     try:
-        s = run_analysis(FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question, out=FLAGS.out,
+        s = run_analysis(FLAGS.checkpoint, image, FLAGS.question, out=FLAGS.out, items=FLAGS.images,
+                         batch_size=FLAGS.batch_size,
                          answer=FLAGS.answer, methods=tuple(m.strip() for m in FLAGS.methods if m.strip()),
                          smooth_n=FLAGS.smooth_n, smooth_sigma=FLAGS.smooth_sigma, threshold=FLAGS.threshold,
                          score=FLAGS.score, template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens,
@@ -65,6 +78,14 @@ def main(argv):
     except AnalyzeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if FLAGS.images:
+        print("item                      max T share (layer)  answer")
+        for item in s["items"]:
+            t = item["attention_shares"]["T"]
+            best = max(range(len(t)), key=t.__getitem__)
+            print(f"{os.path.basename(item['out']):24.24}  {t[best]:11.3f} ({best:3d})   {item['answer']!r}")
+        print(f"wrote {len(s['items'])} item folders, report.html and items.json to {s['out']}")
+        return
     shares = s["attention_shares"]
     print(f"model:    {s['model']}")
     print(f"question: {s['question']}")

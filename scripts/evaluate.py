@@ -1,4 +1,4 @@
-"""Evaluates a model of any supported family (LLaVA, InternVL) on POPE, TextVQA, ScienceQA-IMG or CHAIR (or the toy shapes sets) under
+"""Evaluates a model of any supported family (LLaVA, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen-VL) on POPE, TextVQA, ScienceQA-IMG or CHAIR (or the toy shapes sets) under
 truncation: every cut layer K in one pass, per-item predictions as it goes (resumable), summary, CSV,
 figure and cliff layer.
 
@@ -10,7 +10,9 @@ or the bundled fixtures of a benchmark's file format (the toy model knows nothin
 A real run:
     python scripts/evaluate.py --checkpoint checkpoints/llava-1.5-7b --dataset pope \\
         --data_dir data/pope --image_dir data/coco/val2014 --sweep all --batch_size 16 --out outputs/eval/pope
-Re-running the same command resumes. See docs/evaluation.md.
+Re-running the same command resumes. A finished run also writes report.html beside summary.json (one
+self-contained page: the metrics per K, the cliff layer, the figure, the settings, the model, the first
+item's prompt as tokenised and the words the tokenizer does not know). See docs/evaluation.md.
 """
 import os
 import sys
@@ -97,7 +99,7 @@ def main(argv):
         print(f"skipped {len(res.skipped)} item(s) with unreadable images (see summary.json)")
     print("wrote " + ", ".join(os.path.join(res.out, os.path.basename(p)) for p in
                                (res.files["predictions"], res.files["summary_json"], res.files["summary_csv"],
-                                res.files["figure"])))
+                                res.files["figure"], res.files["report"])))
 
 
 if __name__ == "__main__":

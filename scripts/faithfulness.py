@@ -6,7 +6,9 @@ energy-in-box share, per decoder layer and CAM method, with a table and per-laye
 
 A boxes file has one JSON object per line: {"image": ..., "question": ..., "box": [x0, y0, x1, y1],
 "answer": ... (optional)}, the box in the image's own pixels (e.g. a COCO instance's bbox converted to
-corners). See docs/analysis.md.
+corners). Writes summary.json, per_sample.npz, faithfulness.png and report.html (one self-contained page:
+the per-layer table, the figure, the settings, the model, an example prompt as tokenised and the words the
+tokenizer does not know). See docs/analysis.md.
 """
 import sys
 
@@ -26,7 +28,8 @@ flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: 
                   "vicuna_v1 for converted LLaVA-1.5, internvl for InternVL)")
 flags.DEFINE_bool("pad_square", False, "LLaVA only: pad images to a square with the mean colour "
                   "(original LLaVA eval)")
-flags.DEFINE_string("out", "outputs/faithfulness", "output folder: summary.json, per_sample.npz, faithfulness.png")
+flags.DEFINE_string("out", "outputs/faithfulness", "output folder: summary.json, per_sample.npz, faithfulness.png, "
+                    "report.html")
 flags.DEFINE_bool("overwrite", False, "write into an --out that holds files jaxflow did not write "
                   "(they are kept: only jaxflow's own outputs are replaced)")
 FLAGS = flags.FLAGS
@@ -51,6 +54,8 @@ def main(argv):
         best = result.best_layer(m)
         print(f"{m}: best layer {best}, pointing {result.pointing[m][best]:.3f} "
               f"(chance {result.chance_pointing:.3f}), energy {result.energy[m][best]:.3f}")
+    for msg in result.zero_notes():
+        print(f"note: {msg}")
     print(f"wrote {', '.join(files)}")
 
 

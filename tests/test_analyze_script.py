@@ -53,10 +53,10 @@ def test_writes_every_figure_and_file(default_run):
         _png_ok(out / name)
     _png_ok(out / "model_input.png", min_side=112)
     assert sorted(f for f in os.listdir(out) if f != MANIFEST) == s["files"] == sorted(figures + ["model_input.png", "arrays.npz",
-                                                                       "summary.json"])
+                                                                       "report.html", "summary.json"])
     assert [p for p in os.listdir(root) if p != "out"] == []  # no temporary folder left behind
     # progress lines and the closing summary
-    assert "LLaVA-CAM" in res.stdout and "information-flow" in res.stdout and "wrote 13 files" in res.stdout
+    assert "LLaVA-CAM" in res.stdout and "information-flow" in res.stdout and "wrote 14 files" in res.stdout
 
 
 def test_arrays_have_expected_shapes_and_ranges(default_run):

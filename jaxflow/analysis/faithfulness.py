@@ -95,6 +95,7 @@ class FaithfulnessResult:
     chance_pointing: float  # mean share of cells whose centre lies in the box
     chance_energy: float  # mean share of the image area covered by the box
     answers: list  # the answer each sample's maps explain
+    zero_maps: dict | None = None  # method -> (N, L) bool: the sample's map at that layer is all zero
 
     def best_layer(self, method: str) -> int:
         return int(np.argmax(self.pointing[method]))
@@ -105,8 +106,35 @@ class FaithfulnessResult:
                 "per_method": {m: {"pointing": [float(v) for v in self.pointing[m]],
                                    "energy": [float(v) for v in self.energy[m]],
                                    "best_layer": self.best_layer(m),
-                                   "best_pointing": float(self.pointing[m][self.best_layer(m)])}
+                                   "best_pointing": float(self.pointing[m][self.best_layer(m)]),
+                                   **({"all_zero_maps": [int(v) for v in np.asarray(self.zero_maps[m]).sum(0)]}
+                                      if self.zero_maps else {})}
                                for m in self.methods}}
+
+    def zero_notes(self) -> list[str]:
+        """Why maps are all zero (scored 0 in both measures): one line per method that has all-zero maps
+        at a layer other than the last (the last is zero for every method by the site), naming another
+        method that is not all-zero at those samples and layers (if any)."""
+        if not self.zero_maps:
+            return []
+        notes = []
+        for m in self.methods:
+            z = np.asarray(self.zero_maps[m])[:, :self.num_layers - 1]
+            if not z.any():
+                continue
+            per_layer = z.sum(0)
+            layers = [int(l) for l in np.flatnonzero(per_layer)]
+            where = ", ".join(f"layer {l}: {int(per_layer[l])}" for l in layers)
+            msg = (f"method {m} gives all-zero maps in {int(z.any(1).sum())} of {self.n} samples ({where}): every image "
+                   "token's weighted channel sum is negative there, and the ReLU removes it")
+            others = [o for o in self.methods if o != m]
+            clean = [o for o in others if not (np.asarray(self.zero_maps[o])[:, :self.num_layers - 1] & z).any()]
+            if clean:
+                msg += f"; {clean[0]} is not all-zero at those samples and layers"
+            elif others:
+                msg += "; no other method computed here is non-zero at all of them"
+            notes.append(msg)
+        return notes
 
     def table(self) -> str:
         """Layer by layer: pointing-game accuracy and energy-in-box share of every method."""
@@ -144,6 +172,7 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
     L = bundle.config.text.num_layers
     hits = {m: [] for m in methods}  # per sample (L,), each on its own image's grid
     energies = {m: [] for m in methods}
+    zeros = {m: [] for m in methods}
     chance, answers, areas = [], [], []
     bar = None
     if progress:
@@ -182,6 +211,7 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
                 mm = res.maps[m][j:j + 1, :, :gh, :gw]  # (1, L, gh, gw)
                 hits[m].append(pointing_hits(mm, ctr[None])[0])
                 energies[m].append(energy_in_box(mm, c[None])[0])
+                zeros[m].append(~(res.raw[m][j, :, :gh, :gw] > 0).reshape(L, -1).any(-1))
             answers.append(a if isinstance(a, str) else bundle.tokenizer.decode(a, skip_special_tokens=True))
         if bar is not None:
             bar.update(len(chunk))
@@ -193,7 +223,7 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
         methods=methods, num_layers=L, n=len(samples),
         pointing={m: hits[m].mean(0) for m in methods}, energy={m: energies[m].mean(0) for m in methods},
         hits=hits, energies=energies, chance_pointing=float(np.mean(chance)),
-        chance_energy=float(np.mean(areas)), answers=answers)
+        chance_energy=float(np.mean(areas)), answers=answers, zero_maps={m: np.stack(zeros[m]) for m in methods})
 
 
 def plot_faithfulness(result: FaithfulnessResult, path: str, title: str | None = None) -> str:
@@ -271,8 +301,8 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
                      batch_size: int = 16, pad_square: bool = False, template: str | None = None,
                      progress: bool = True, overwrite: bool = False) -> tuple[FaithfulnessResult, list[str]]:
     """What scripts/faithfulness.py does: the samples (`n` held-out toy samples, or the `boxes` file),
-    `faithfulness`, then summary.json, per_sample.npz and faithfulness.png written atomically into
-    `out`. Raises ValueError on bad input (before anything is written)."""
+    `faithfulness`, then summary.json, per_sample.npz, faithfulness.png and report.html
+    (`write_faithfulness_report`) written atomically into `out`. Raises ValueError on bad input (before anything is written)."""
     import shutil
 
     from jaxflow.convert import CheckpointError
@@ -303,8 +333,12 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
         raise ValueError(str(e)) from e
     result = faithfulness(bundle, samples, methods, batch_size=batch_size, pad_square=pad_square,
                           progress=progress)
+    settings = {"samples": source, "n": result.n, "methods": list(methods), "batch_size": batch_size,
+                "template": bundle.template, "pad_square": pad_square,
+                "image_dir": image_dir if boxes is not None else None, "out": final, "overwrite": overwrite}
     tmp = staging_dir(final)
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; it becomes `out`
         summary = dict(result.summary(), model=bundle.name, family=bundle.family, samples=source,
                        template=bundle.template)
         write_json(os.path.join(tmp, "summary.json"), summary)
@@ -312,8 +346,70 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
                  **{f"{m}_hits": result.hits[m] for m in methods}, **{f"{m}_energy": result.energies[m] for m in methods})
         plot_faithfulness(result, os.path.join(tmp, "faithfulness.png"),
                           title=f"{bundle.name}: LLaVA-CAM faithfulness ({result.n} samples)")
+        write_faithfulness_report(os.path.join(tmp, "report.html"), result, bundle, samples, settings,
+                                  figure=os.path.join(tmp, "faithfulness.png"), checkpoint=checkpoint,
+                                  pad_square=pad_square)
         publish(tmp, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return result, [os.path.join(final, f) for f in ("summary.json", "per_sample.npz", "faithfulness.png")]
+    return result, [os.path.join(final, f) for f in ("summary.json", "per_sample.npz", "faithfulness.png",
+                                                     "report.html")]
+
+
+def write_faithfulness_report(path: str, result: FaithfulnessResult, bundle, samples, settings: dict, *,
+                              figure: str | None = None, checkpoint=None, pad_square: bool = False,
+                              max_samples_shown: int = 20) -> str:
+    """report.html of a faithfulness run: the model, the settings, the best layer of each method, the
+    per-layer pointing-game / energy-in-box table with the chance levels, the figure, an example
+    prompt as tokenised (the first sample's, with its answer), the words of the questions and given
+    answers that the tokenizer does not know, and the first samples."""
+    from jaxflow.pipeline import encode
+    from jaxflow.viz import html_report as H
+
+    methods = result.methods
+    best = [(m, result.best_layer(m), float(result.pointing[m][result.best_layer(m)]),
+             float(result.energy[m][result.best_layer(m)])) for m in methods]
+    header = ["layer"] + [h for m in methods for h in (f"{m} pointing", f"{m} energy in box")]
+    rows = [[layer] + [float(v) for m in methods for v in (result.pointing[m][layer], result.energy[m][layer])]
+            for layer in range(result.num_layers)]
+    rows.append(["chance"] + [v for _ in methods for v in (result.chance_pointing, result.chance_energy)])
+    parts = [H.section("Model", H.kv_table(H.model_facts(bundle, checkpoint), ("model", ""))),
+             H.section("Settings", H.kv_table(settings)),
+             H.section("Best layer per method",
+                       H.table(("method", "best layer (pointing)", "pointing there", "energy in box there"), best,
+                               left=(0,)),
+                       H.para(f"chance: pointing {result.chance_pointing:.3f} (share of cells whose centre lies in the "
+                              f"box), energy {result.chance_energy:.3f} (share of the image the box covers); "
+                              f"{result.n} samples")),
+             H.section("Per layer", H.table(header, rows, highlight=(len(rows) - 1,)),
+                       H.para("pointing: share of samples whose map's maximum lies in the box; energy in box: the "
+                              "map's mass inside the box. An all-zero map scores 0 in both.")),
+             H.figure(figure, "faithfulness.png: pointing and energy per layer, chance dashed") if figure else None]
+    notes = result.zero_notes()
+    if notes:
+        parts.insert(3, H.section("All-zero maps", *[H.note(n) for n in notes]))
+    s0 = samples[0]
+    try:
+        batch, _ = encode(bundle, [s0.image], [s0.question], [result.answers[0]], pad_square=pad_square)
+        prompt = H.prompt_html(bundle.tokenizer, batch.input_ids[0], image_token_id=bundle.config.image_token_id,
+                               attention_mask=batch.attention_mask[0], answer_mask=batch.answer_mask[0],
+                               texts=[s0.question])
+    except (OSError, ValueError) as e:
+        prompt = H.note(f"the example prompt could not be encoded: {e}", "err")
+    texts = [s.question for s in samples] + [s.answer for s in samples if s.answer]
+    unknown = H.unknown_words_table(bundle.tokenizer, texts)
+    parts.append(H.section("Prompt as tokenised (the first sample, with the answer explained)", prompt,
+                           unknown if unknown is not None else
+                           H.note("every word of the questions and given answers is known to the tokenizer", "ok")))
+    shown = []
+    for i, (s, a) in enumerate(zip(samples[:max_samples_shown], result.answers)):
+        img = os.path.basename(os.fspath(s.image)) if isinstance(s.image, (str, os.PathLike)) else "(generated)"
+        best_hits = ", ".join(f"{m}: {'hit' if result.hits[m][i, result.best_layer(m)] else 'miss'}" for m in methods)
+        shown.append((i, img, s.question, a, "[" + ", ".join(f"{v:g}" for v in s.box) + "]", best_hits))
+    more = f" (the first {max_samples_shown} of {len(samples)})" if len(samples) > max_samples_shown else ""
+    parts.append(H.section(f"Samples{more}", H.table(("#", "image", "question", "answer explained", "box (x0, y0, x1, y1)",
+                                                       "pointing at each method's best layer"), shown,
+                                                      left=(1, 2, 3, 4, 5))))
+    return H.write_html(path, H.page(f"jaxflow faithfulness: {bundle.name}", *parts,
+                                     subtitle=f"{result.n} samples, {', '.join(methods)}"))

@@ -2,7 +2,11 @@
 
 Family-agnostic: the image is encoded by the bundle's family (LLaVA: one image; InternVL: its tiles and
 thumbnail), and the cut removes all of the image's tokens, however many the image gives
-(`SweepReport.num_image_tokens`, counted in the ids). pad_square is LLaVA-only."""
+(`SweepReport.num_image_tokens`, counted in the ids). pad_square is LLaVA-only.
+
+`sweep_reports` does the same for a batch of (image, question) pairs in one pass per batch;
+`run_sweep_report(..., items=...)` runs a folder or JSON-lines file of them (`viz.report.read_items`)
+and writes one sub-folder per item plus one report.html."""
 from __future__ import annotations
 
 import dataclasses
@@ -38,41 +42,60 @@ class SweepReport:
 def sweep_report(bundle: Bundle, image, question: str, *, max_new_tokens: int = 16, layers=None,
                  keep_top_k: int = 0, epsilon: float = 0.05, pad_square: bool = False) -> SweepReport:
     """Greedy answers for every K, and how likely each variant finds the untruncated answer."""
+    return sweep_reports(bundle, [image], [question], max_new_tokens=max_new_tokens, layers=layers,
+                         keep_top_k=keep_top_k, epsilon=epsilon, pad_square=pad_square)[0]
+
+
+def sweep_reports(bundle: Bundle, images, questions, *, max_new_tokens: int = 16, layers=None,
+                  keep_top_k: int = 0, epsilon: float = 0.05, pad_square: bool = False) -> list[SweepReport]:
+    """`sweep_report` of several (image, question) pairs as one batch (rows padded on the left):
+    one `truncation_generate` and one teacher-forced `truncation_sweep` for all of them. Returns one
+    SweepReport per pair, in order."""
     from jaxflow.pipeline import check_pad_square, image_token_count
 
+    images, questions = list(images), list(questions)
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
     check_pad_square(bundle, pad_square)
     model = bundle.model
     L = model.config.text.num_layers
     ks = np.arange(L + 1) if layers is None else np.asarray(sorted(set(int(k) for k in layers) | {L}))
-    batch, enc = encode(bundle, [image], [question], pad_square=pad_square, with_images=True)
+    batch, enc = encode(bundle, images, questions, pad_square=pad_square, with_images=True)
     gen = truncation_generate(model, batch.input_ids, enc.pixel_values, batch.attention_mask, ks,
                               max_new_tokens=max_new_tokens, keep_top_k=keep_top_k, **enc.image_kw)
     eos = tuple(model.config.text.eos_token_id)
-    answers = [decode_answers(bundle.tokenizer, gen.tokens[v], gen.lengths[v], eos)[0] for v in range(len(ks))]
-    ids = [[int(t) for t in gen.tokens[v, 0, :gen.lengths[v, 0]] if int(t) not in eos] for v in range(len(ks))]
-    ref_ids = ids[-1] or [int(gen.tokens[-1, 0, 0])]  # an empty answer: track its first token (EOS)
-    # teacher-force the reference answer: prompt + answer, every K at once
-    tf, tf_enc = encode(bundle, [image], [question], [ref_ids], pad_square=pad_square, with_images=True)
+    n = len(images)
+    answers = [decode_answers(bundle.tokenizer, gen.tokens[v], gen.lengths[v], eos) for v in range(len(ks))]  # [V][B]
+    ids = [[[int(t) for t in gen.tokens[v, b, :gen.lengths[v, b]] if int(t) not in eos] for v in range(len(ks))]
+           for b in range(n)]  # [B][V]
+    ref_ids = [ids[b][-1] or [int(gen.tokens[-1, b, 0])] for b in range(n)]  # an empty answer: track its first token
+    # teacher-force the reference answers: prompt + answer, every K at once
+    tf, tf_enc = encode(bundle, images, questions, ref_ids, pad_square=pad_square, with_images=True)
     sweep = truncation_sweep(model, tf.input_ids, tf_enc.pixel_values, tf.attention_mask, ks, keep_top_k=keep_top_k,
                              **tf_enc.image_kw)
-    n_prompt_after_image = int(sweep.mask[0].sum()) - len(ref_ids)
-    # slot j predicts the token at slot j + 1; the answer starts at slot n_prompt_after_image
-    logits = sweep.logits[:, 0]  # (V, Ta, vocab)
-    pred = logits[:, n_prompt_after_image - 1:n_prompt_after_image - 1 + len(ref_ids)]  # (V, n_ans, vocab)
-    logp = pred - _logsumexp(pred)
-    answer_logprob = np.take_along_axis(logp, np.asarray(ref_ids)[None, :, None], -1)[..., 0].sum(-1)
-    first = pred[:, 0]
-    y0 = ref_ids[0]
-    others = np.delete(first, y0, axis=-1).max(-1)
-    margin = first[:, y0] - others
-    first_logprob = logp[:, 0, y0]
-    # the cliff follows the first answer token: for the short answers of VQA it is the answer, and a
-    # long answer's joint probability is small even when nothing changes
-    cliff = cliff_layer(ks, np.exp(first_logprob), epsilon)
-    return SweepReport(layers=ks, answers=answers, answer_ids=ids, reference_answer=answers[-1],
-                       answer_logprob=answer_logprob, first_token_logprob=first_logprob, first_token_margin=margin,
-                       cliff=cliff, num_image_tokens=image_token_count(tf.input_ids[0], tf.attention_mask[0],
-                                                                       model.config.image_token_id))
+    out = []
+    for b in range(n):
+        ref = ref_ids[b]
+        n_prompt_after_image = int(sweep.mask[b].sum()) - len(ref)
+        # slot j predicts the token at slot j + 1; the answer starts at slot n_prompt_after_image
+        logits = sweep.logits[:, b]  # (V, Ta, vocab)
+        pred = logits[:, n_prompt_after_image - 1:n_prompt_after_image - 1 + len(ref)]  # (V, n_ans, vocab)
+        logp = pred - _logsumexp(pred)
+        answer_logprob = np.take_along_axis(logp, np.asarray(ref)[None, :, None], -1)[..., 0].sum(-1)
+        first = pred[:, 0]
+        y0 = ref[0]
+        others = np.delete(first, y0, axis=-1).max(-1)
+        margin = first[:, y0] - others
+        first_logprob = logp[:, 0, y0]
+        # the cliff follows the first answer token: for the short answers of VQA it is the answer, and a
+        # long answer's joint probability is small even when nothing changes
+        cliff = cliff_layer(ks, np.exp(first_logprob), epsilon)
+        out.append(SweepReport(layers=ks, answers=[answers[v][b] for v in range(len(ks))], answer_ids=ids[b],
+                               reference_answer=answers[-1][b], answer_logprob=answer_logprob,
+                               first_token_logprob=first_logprob, first_token_margin=margin, cliff=cliff,
+                               num_image_tokens=image_token_count(tf.input_ids[b], tf.attention_mask[b],
+                                                                  model.config.image_token_id)))
+    return out
 
 
 def _logsumexp(x):
@@ -81,23 +104,42 @@ def _logsumexp(x):
 
 
 def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new_tokens=16, layers=None,
-                     keep_top_k=0, epsilon=0.05, pad_square=False, overwrite=False) -> tuple[SweepReport, list[str]]:
-    """What scripts/truncation_sweep.py does: report + answers.json + sweep.png in `out`, published by
-    `jaxflow.outputs` (a folder holding files jaxflow did not write is refused unless `overwrite`)."""
-    from jaxflow.outputs import check_out_dir, publish, staging_dir
+                     keep_top_k=0, epsilon=0.05, pad_square=False, overwrite=False, items=None, batch_size=8,
+                     progress=None):
+    """What scripts/truncation_sweep.py does: report + answers.json + sweep.png + report.html in `out`,
+    published by `jaxflow.outputs` (a folder holding files jaxflow did not write is refused unless
+    `overwrite`). Returns (SweepReport, [paths]).
+
+    Several images: `items` (with image=None) is a folder or JSON-lines path (`viz.report.read_items`;
+    a folder's images all get `question`) or a sequence of `Item`s / (image, question) tuples; they
+    run in batches of `batch_size`, each item's answers.json and sweep.png go to
+    `out/<index>_<image stem>/`, with one report.html (a summary table, then one section per item) and
+    items.json at the top. Everything is checked before any computation. Returns ([SweepReport per
+    item], [paths of the top-level entries]). Raises ValueError (one line) on bad input."""
     import os
     import shutil
 
     from jaxflow.convert import CheckpointError
+    from jaxflow.outputs import check_out_dir, publish, staging_dir
     from jaxflow.pipeline import load_bundle, write_json
+    from jaxflow.viz import html_report as H
+    from jaxflow.viz.report import Item, as_items
     from jaxflow.viz.truncation import plot_sweep_report
 
-    if not question or not question.strip():
-        raise ValueError("--question is empty")
-    if not os.path.isfile(image):
-        raise ValueError(f"image not found: {image}")
+    say = progress or (lambda *_: None)
+    multi = items is not None
+    if multi and image is not None:
+        raise ValueError("--image and --images are mutually exclusive: pass one")
+    if not multi:
+        if not question or not question.strip():
+            raise ValueError("--question is empty")
+        if not os.path.isfile(image):
+            raise ValueError(f"image not found: {image}")
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    item_list = as_items(items, question) if multi else [Item(image, question, name="", source="--image")]
     final = check_out_dir(out, overwrite=overwrite)
     try:
         layers = None if layers is None else [int(k) for k in layers]
@@ -107,17 +149,106 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
         bundle = load_bundle(checkpoint, template=template)
     except (CheckpointError, OSError) as e:
         raise ValueError(str(e)) from e
-    report = sweep_report(bundle, image, question, max_new_tokens=max_new_tokens, layers=layers,
-                          keep_top_k=keep_top_k, epsilon=epsilon, pad_square=pad_square)
+    L = bundle.config.text.num_layers
+    if layers is not None and any(k < 0 or k > L for k in layers):  # before any computation
+        raise ValueError(f"layers must be cut layers K in 0..{L} ({L} = untruncated), got {sorted(set(layers))}")
+    reports = []
+    for start in range(0, len(item_list), batch_size):
+        chunk = item_list[start:start + batch_size]
+        if multi:
+            say(f"items {start}..{start + len(chunk) - 1} of {len(item_list)}")
+        reports += sweep_reports(bundle, [it.image for it in chunk], [it.question for it in chunk],
+                                 max_new_tokens=max_new_tokens, layers=layers, keep_top_k=keep_top_k,
+                                 epsilon=epsilon, pad_square=pad_square)
+    settings = {"max_new_tokens": max_new_tokens, "layers": "all (0..L)" if layers is None else layers,
+                "keep_top_k": keep_top_k, "epsilon": epsilon, "template": bundle.template, "pad_square": pad_square}
+    if multi:
+        settings = {"images": os.fspath(items) if isinstance(items, (str, os.PathLike)) else f"{len(item_list)} items",
+                    "question": question, "items": len(item_list), "batch_size": batch_size, **settings}
+    settings.update(out=os.path.abspath(out), overwrite=overwrite)
     tmp = staging_dir(final)
     try:
-        data = {"model": bundle.name, "family": bundle.family, "image": os.path.abspath(image),
-                "question": question, "keep_top_k": keep_top_k, "epsilon": epsilon, **report.to_json()}
-        write_json(os.path.join(tmp, "answers.json"), data)
-        plot_sweep_report(report, os.path.join(tmp, "sweep.png"),
-                          title=f"{bundle.name}: {question!r} (cliff layer {report.cliff})")
-        publish(tmp, final, overwrite=overwrite)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; it becomes `out`
+        sections = []
+        for it, report in zip(item_list, reports):
+            folder = os.path.join(tmp, it.name) if multi else tmp
+            os.makedirs(folder, exist_ok=True)
+            data = {"model": bundle.name, "family": bundle.family, "image": os.path.abspath(it.image),
+                    "question": it.question, "keep_top_k": keep_top_k, "epsilon": epsilon, **report.to_json()}
+            write_json(os.path.join(folder, "answers.json"), data)
+            title = f"{bundle.name}: {it.question!r} (cliff layer {report.cliff})"
+            plot_sweep_report(report, os.path.join(folder, "sweep.png"), title=title if len(title) < 110 else
+                              title[:107] + "...")
+            sections.append(_item_section(bundle, it, report, folder, multi=multi, pad_square=pad_square))
+        parts = [H.section("Model", H.kv_table(H.model_facts(bundle, checkpoint), ("model", ""))),
+                 H.section("Settings", H.kv_table(settings))]
+        if multi:
+            parts.append(H.section("Summary", _summary_table(item_list, reports)))
+        parts += sections
+        parts.append(H.section("How to read it", H.para(
+            "K is the cut layer: from layer K on no query attends to an image token (K = L is the untruncated "
+            "model). P(first token) and P(answer) are the probabilities, under each K, of the untruncated "
+            "answer's first token and of the whole answer (teacher-forced); the margin is the first token's "
+            "logit minus the best other logit. The cliff layer is the smallest K from which P(first token) "
+            f"stays within epsilon = {epsilon:g} of its value at K = L (highlighted row).")))
+        sub = (f"{len(item_list)} items" if multi else os.path.basename(image))
+        H.write_html(os.path.join(tmp, "report.html"),
+                     H.page(f"jaxflow truncation sweep: {bundle.name}", *parts, subtitle=sub))
+        if multi:
+            write_json(os.path.join(tmp, "items.json"), {"model": bundle.name, "items": [
+                {"index": i, "folder": it.name, "image": os.path.abspath(it.image), "question": it.question,
+                 "reference_answer": r.reference_answer, "cliff_layer": r.cliff, "source": it.source}
+                for i, (it, r) in enumerate(zip(item_list, reports))]})
+        entries = publish(tmp, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return report, [os.path.join(out, "answers.json"), os.path.join(out, "sweep.png")]
+    if multi:
+        return reports, [os.path.join(out, e) for e in entries]
+    return reports[0], [os.path.join(out, "answers.json"), os.path.join(out, "sweep.png"),
+                        os.path.join(out, "report.html")]
+
+
+def _item_section(bundle, it, report, folder, *, multi, pad_square):
+    """One item's part of report.html: facts, the prompt as tokenised, the per-K table, the figure."""
+    import os
+
+    from jaxflow.viz import html_report as H
+
+    batch, _ = encode(bundle, [it.image], [it.question], pad_square=pad_square)
+    ks = [int(k) for k in report.layers]
+    L = ks[-1]
+    rows, hl = [], []
+    for v, k in enumerate(ks):
+        rows.append((k, report.answers[v], float(np.exp(report.first_token_logprob[v])),
+                     float(np.exp(report.answer_logprob[v])), float(report.first_token_margin[v]),
+                     "cliff" if k == report.cliff else ("untruncated" if k == L else "")))
+        if k == report.cliff:
+            hl.append(v)
+    facts = {"image": os.path.abspath(it.image), "question": it.question,
+             "untruncated answer (K = L)": report.reference_answer, "cliff layer": report.cliff,
+             "image tokens (what the cut removes)": report.num_image_tokens}
+    if multi:
+        facts["files"] = f"{it.name}/ (answers.json, sweep.png)"
+    prompt = H.prompt_html(bundle.tokenizer, batch.input_ids[0], image_token_id=bundle.config.image_token_id,
+                           attention_mask=batch.attention_mask[0], texts=[it.question])
+    return H.section(f"{it.name}: {os.path.basename(it.image)}" if multi else "Result",
+                     H.kv_table(facts, ("item", "")),
+                     H.section("Prompt as tokenised", prompt, level=3),
+                     H.section("Per cut layer K", H.table(("K", "answer under K", "P(first token)", "P(answer)",
+                                                           "margin", ""), rows, left=(1, 5), highlight=hl), level=3),
+                     H.figure(os.path.join(folder, "sweep.png"), "sweep.png: the answer's probability and the "
+                              "first token's margin against K, cliff layer marked"),
+                     anchor=f"item-{it.name}" if multi else "result")
+
+
+def _summary_table(items, reports):
+    from jaxflow.viz import html_report as H
+
+    rows = []
+    for it, r in zip(items, reports):
+        rows.append((H.link(it.name, f"item-{it.name}"), it.question, r.reference_answer, r.answers[0],
+                     float(np.exp(r.first_token_logprob[-1])), float(np.exp(r.first_token_logprob[0])), r.cliff))
+    return H.table(("item", "question", "answer (K = L)", f"answer (K = {int(reports[0].layers[0])})",
+                    "P(first token), K = L", f"P(first token), K = {int(reports[0].layers[0])}", "cliff layer"),
+                   rows, left=(0, 1, 2, 3))

@@ -1,4 +1,4 @@
-"""The cliff layer of a truncation curve, the per-run summary (JSON, CSV) and the figures.
+"""The cliff layer of a truncation curve, the per-run summary (JSON, CSV, report.html) and the figures.
 
 **Cliff layer.** For a metric m evaluated at cut layers K_0 < K_1 < ... < K_n = L (L = the number
 of decoder layers; K = L is the untruncated model, the baseline):
@@ -295,3 +295,73 @@ def cliff_figure(run_dirs, out: str, *, epsilon: float | None = None, metric: st
                  f"({eps_note})", fontsize=10)
     _save(fig, out)
     return {"path": out, "cliffs": cliffs}
+
+
+# --------------------------------------------------------------------------- report.html
+
+
+REPORT_HTML = "report.html"
+
+
+def evaluation_report_html(summary: dict, *, model: dict | None = None, settings: dict | None = None,
+                           figure: str | None = None, prompt=None, unknown=None, examples=None) -> str:
+    """One run's self-contained report page (`jaxflow.viz.html_report`): the cliff layer and baseline,
+    the metrics per cut layer K (every metric; the cliff row highlighted), the metric-vs-K figure
+    embedded, the model, the settings, an example prompt as tokenised (`prompt`: HTML from
+    `html_report.prompt_html`), the words the tokenizer does not know (`unknown`: HTML from
+    `html_report.unknown_words_table`, None when every word is known) and example predictions
+    (`examples`: (header, rows))."""
+    from jaxflow.viz import html_report as H
+
+    primary = summary["primary_metric"]
+    rows = summary_rows(summary)
+    names = sorted({k for r in rows for k in r if k not in ("K", primary)})
+    L, cliff = summary["baseline_layer"], summary["cliff_layer"]
+    table_rows, hl = [], []
+    for i, r in enumerate(rows):
+        mark = "cliff" if r["K"] == cliff else ""
+        if r["K"] == L:
+            mark = (mark + ", " if mark else "") + "baseline (untruncated)"
+        counts = [int(r[n]) if (n == "n" or n.endswith("/n")) and isinstance(r.get(n), float) and r[n].is_integer()
+                  else r.get(n) for n in names]  # item counts stored as floats
+        table_rows.append([r["K"], r.get(primary)] + counts + [mark])
+        if r["K"] == cliff:
+            hl.append(i)
+    facts = {"data set": summary["dataset"], "items scored": summary["n_items"], "primary metric": primary,
+             "baseline (K = L)": summary["baseline"], "cliff layer": cliff, "metric at the cliff": summary["at_cliff"],
+             "epsilon": summary["epsilon"], "cliff definition": summary["cliff_definition"],
+             "cut layers evaluated": f"{len(summary['layers'])} ({summary['sweep']})"}
+    skipped = summary.get("skipped_at_run_time") or []
+    if skipped:
+        facts["skipped at run time"] = f"{len(skipped)} item(s) with unreadable images (see summary.json)"
+    parts = [H.section("Result", H.kv_table(facts, ("run", "")),
+                       H.note("no curve: --sweep none evaluates the untruncated model only") if cliff is None else None),
+             H.section("Metrics per cut layer K", H.table(["K", primary] + names + [""], table_rows,
+                                                           left=(len(names) + 2,), highlight=hl)),
+             H.figure(figure, f"{os.path.basename(figure)}: {primary} against K, baseline dotted with the epsilon band, "
+                              "cliff dashed") if figure and os.path.isfile(figure) else None]
+    if model:
+        parts.append(H.section("Model", H.kv_table(model, ("model", ""))))
+    if settings:
+        parts.append(H.section("Settings", H.kv_table(settings)))
+    if prompt is not None or unknown is not None:
+        parts.append(H.section("Prompt as tokenised (the first item)", prompt,
+                               unknown if unknown is not None else
+                               H.note("every word of the prompts is known to the tokenizer", "ok")))
+    if examples:
+        header, ex_rows = examples
+        parts.append(H.section(f"Predictions of the first {len(ex_rows)} items",
+                               H.table(header, ex_rows, left=tuple(range(1, len(header))))))
+    return H.page(f"jaxflow evaluation: {summary['model']} on {summary['dataset']}", *parts,
+                  subtitle=f"{summary['n_items']} items, cut layers {summary['sweep']}")
+
+
+
+def write_report(out: str, summary: dict, **kw) -> str:
+    """report.html in the run directory `out` (written atomically); kw as `evaluation_report_html`
+    (figure default: the run's truncation_curve.png)."""
+    from jaxflow.evaluation.records import CURVE_PNG
+    from jaxflow.viz.html_report import write_html
+
+    kw.setdefault("figure", os.path.join(out, CURVE_PNG))
+    return write_html(os.path.join(out, REPORT_HTML), evaluation_report_html(summary, **kw))
