@@ -81,8 +81,13 @@ def validate_inputs(model: VisionLanguageModel, input_ids, pixel_values, attenti
 
 def max_positions(cfg) -> int:
     """The longest sequence the model takes: its config's `max_positions` where the family defines one
-    (Qwen-VL: the official logn table), else the decoder's max_position_embeddings."""
-    return int(getattr(cfg, "max_positions", None) or cfg.text.max_position_embeddings)
+    (Qwen-VL: the official logn table), else the decoder's max_position_embeddings, except under dynamic
+    RoPE scaling, which exists to run beyond it (no limit then)."""
+    if getattr(cfg, "max_positions", None):
+        return int(cfg.max_positions)
+    if cfg.text.rope.rope_type == "dynamic":
+        return 2 ** 31 - 1
+    return int(cfg.text.max_position_embeddings)
 
 
 def _check_impl(attn_impl):
