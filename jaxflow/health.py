@@ -33,6 +33,19 @@ def _finite_by_stage(model, ids, images, mask):
     return feats, emb, layers, ok(out.logits)
 
 
+def _finite_by_stage_jit(*args):
+    """`_finite_by_stage` under one module-level jit (a jit made per call would retrace every time)."""
+    global _FINITE_JIT
+    if _FINITE_JIT is None:
+        import jax
+
+        _FINITE_JIT = jax.jit(_finite_by_stage)
+    return _FINITE_JIT(*args)
+
+
+_FINITE_JIT = None
+
+
 def _layers_finite(res, real):
     """res (L, B, T, D), real (B, T, 1) -> (L,) bool."""
     import jax.numpy as jnp
@@ -44,13 +57,12 @@ def first_non_finite(model, input_ids, pixel_values, attention_mask=None, **imag
     """The first stage of the forward whose output holds NaN/Inf at a real token, as words (e.g.
     "decoder layer 3 of 32"), or None when the whole forward is finite. input_ids/attention_mask (B, T).
     One compiled pass of the reference path, returning only a finite flag per stage."""
-    import jax
     import jax.numpy as jnp
 
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     images = model.image_inputs(ids, mask, pixel_values, **image_kw) if pixel_values is not None else None
-    feats, emb, layers, logits = jax.jit(_finite_by_stage)(model, jnp.asarray(ids), images, jnp.asarray(mask))
+    feats, emb, layers, logits = _finite_by_stage_jit(model, jnp.asarray(ids), images, jnp.asarray(mask))
     if not bool(feats):
         return "the image features (vision tower and projector)"
     if not bool(emb):
