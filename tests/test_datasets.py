@@ -179,7 +179,7 @@ def test_dispatcher_options(fx):
         load_dataset("vqav2", *fx["pope"])
     with pytest.raises(TypeError, match="unknown option.*ocr"):
         load_dataset("pope", *fx["pope"], ocr=True)
-    assert dataset_options("chair") == ("n_images",)
+    assert dataset_options("chair") == ("n_images", "image_ids")
     assert set(dataset_options("pope")) == {"splits", "source"}
 
 

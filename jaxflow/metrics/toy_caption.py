@@ -4,7 +4,10 @@ A caption mentions an object each time a colour word is directly followed by a s
 circle"); a mention is hallucinated when the image has no object of that colour and shape.
 CHAIR_i = hallucinated mentions / all mentions (0 when there are none), CHAIR_s = share of captions
 with at least one hallucinated mention, recall = share of the images' objects mentioned, and
-exact = share of captions whose set of mentions equals the image's objects.
+exact = share of captions whose set of mentions equals the image's objects, and empty_ratio = share
+of captions that mention no object at all. An empty caption (or one naming no coloured shape)
+hallucinates nothing, so it lowers CHAIR_s and CHAIR_i; only recall (0 for it) shows what it
+missed, which is why every summary of a caption set reports recall and empty_ratio beside CHAIR.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def analyse_toy_caption(caption: str, objects) -> dict:
 def toy_caption_metrics(predictions, references) -> dict[str, float]:
     """predictions: id -> caption; references: id -> the image's objects ("colour shape" strings)."""
     rows = align(predictions, references)
-    mentions = halluc = bad = gt = covered = exact = 0
+    mentions = halluc = bad = gt = covered = exact = empty = 0
     for _, pred, objs in rows:
         a = analyse_toy_caption(pred, objs)
         mentions += len(a["mentioned"])
@@ -42,6 +45,7 @@ def toy_caption_metrics(predictions, references) -> dict[str, float]:
         gt += len(set(objs))
         covered += len(a["covered"])
         exact += set(a["mentioned"]) == set(objs)
+        empty += not a["mentioned"]
     n = len(rows)
     return {"chair_s": ratio(bad, n), "chair_i": ratio(halluc, mentions), "recall": ratio(covered, gt),
-            "exact": ratio(exact, n)}
+            "exact": ratio(exact, n), "empty_ratio": ratio(empty, n)}

@@ -4,6 +4,18 @@
 "image" ("image.png" or null), "split", "subject", "grade", ...}``; ``pid_splits.json`` maps a
 split name to its problem ids. The image of problem ``pid`` is ``{image_dir}/{pid}/{image}``
 (``{image_dir}/{split}/{pid}/{image}``, the layout of the official download, also works).
+
+``with_text_only=True`` also loads the problems without an image (LLaVA's ``eval_science_qa.py``
+scores all 4,241 test problems and prints the accuracy over all of them next to the IMG
+accuracy over the 2,017 with an image). Such an item has ``image == ""`` (no file; the runner
+cannot run it, so route these items to a text-only path) and ``metadata["has_image"] is False``;
+every item has ``metadata["has_image"]``.
+
+Prompts (``prompt=``): ``"llava"`` — LLaVA-1.5's: ``"Context: {hint}\\n"`` when the hint is not
+empty or white space, the question, one ``"A. choice"`` line per option, then
+``"\\nAnswer with the option's letter from the given choices directly."``; ``"lmms"`` —
+lmms-eval's ``sqa_doc_to_text`` (default format): the same, except that any non-empty hint,
+white space only included, gets its "Context:" line.
 """
 from __future__ import annotations
 
@@ -16,22 +28,32 @@ from jaxflow.data.datasets._common import (LETTER_ANSWER_SUFFIX, Collector, Data
 PROBLEMS_FILE = "problems.json"
 SPLITS_FILE = "pid_splits.json"
 LETTERS = string.ascii_uppercase
+PROMPTS = ("llava", "lmms")
 
 
-def format_question(question: str, choices, hint: str = "") -> str:
-    """LLaVA-1.5's ScienceQA prompt: ``"Context: {hint}\\n"`` (only when the hint is not empty),
-    the question, one ``"A. choice"`` line per option, then the letter instruction."""
-    context = f"Context: {hint}\n" if hint and hint.strip() else ""
+def format_question(question: str, choices, hint: str = "", prompt: str = "llava") -> str:
+    """The ScienceQA prompt: ``"Context: {hint}\\n"`` (llava: only when the hint is not empty or
+    white space; lmms: when it is not empty), the question, one ``"A. choice"`` line per option,
+    then the letter instruction."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown ScienceQA prompt {prompt!r}; valid: {', '.join(PROMPTS)}")
+    has_context = bool(hint) if prompt == "lmms" else bool(hint and hint.strip())
+    context = f"Context: {hint}\n" if has_context else ""
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
     return f"{context}{question}\n{options}{LETTER_ANSWER_SUFFIX}"
 
 
-def load_scienceqa(data_dir: str, image_dir: str, *, split: str = "test", limit: int | None = None,
-                   skip_bad: bool = False, check_images: bool = True) -> Dataset:
+def load_scienceqa(data_dir: str, image_dir: str, *, split: str = "test", with_text_only: bool = False,
+                   prompt: str = "llava", limit: int | None = None, skip_bad: bool = False,
+                   check_images: bool = True) -> Dataset:
     """ScienceQA problems of one split that have an image (answers = (letter,)).
 
-    Problems without an image are counted in ``stats.filtered``.
+    Problems without an image are counted in ``stats.filtered``, or with ``with_text_only``
+    loaded too (``image == ""``, ``metadata["has_image"] is False``). prompt: "llava" (default)
+    or "lmms" (module docstring).
     """
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown ScienceQA prompt {prompt!r}; valid: {', '.join(PROMPTS)}")
     problems_path = os.path.join(data_dir, PROBLEMS_FILE)
     splits_path = os.path.join(data_dir, SPLITS_FILE)
     coll = Collector("scienceqa", skip_bad, limit)
@@ -60,7 +82,7 @@ def load_scienceqa(data_dir: str, image_dir: str, *, split: str = "test", limit:
             if not isinstance(prob, dict):
                 raise DatasetError(f"expected an object, got {type(prob).__name__}", problems_path, entry=entry)
             image_name = get_field(prob, "image", str, problems_path, entry=entry, optional=True)
-            if not image_name:
+            if not image_name and not with_text_only:
                 coll.stats.filtered += 1
                 continue
             question = get_field(prob, "question", str, problems_path, entry=entry)
@@ -75,15 +97,17 @@ def load_scienceqa(data_dir: str, image_dir: str, *, split: str = "test", limit:
         except DatasetError as e:
             coll.bad(e)
             continue
-        image = os.path.join(image_dir, pid, image_name)
-        if not os.path.isfile(image) and os.path.isfile(os.path.join(image_dir, split, pid, image_name)):
-            image = os.path.join(image_dir, split, pid, image_name)
+        image = ""
+        if image_name:
+            image = os.path.join(image_dir, pid, image_name)
+            if not os.path.isfile(image) and os.path.isfile(os.path.join(image_dir, split, pid, image_name)):
+                image = os.path.join(image_dir, split, pid, image_name)
         meta = {k: prob.get(k) for k in ("subject", "topic", "category", "skill", "grade", "task")}
-        meta.update(pid=pid, choices=list(choices), answer_index=answer, hint=hint, image_file=image_name,
-                    source=f"{PROBLEMS_FILE} ({entry})")
+        meta.update(pid=pid, choices=list(choices), answer_index=answer, hint=hint, image_file=image_name or None,
+                    has_image=bool(image_name), source=f"{PROBLEMS_FILE} ({entry})")
         item = Item(
             id=pid, dataset="scienceqa", image=image, question=question,
-            formatted_question=format_question(question, choices, hint), answers=(LETTERS[answer],),
+            formatted_question=format_question(question, choices, hint, prompt), answers=(LETTERS[answer],),
             split=split, metadata=meta)
-        coll.add(item, path=problems_path, entry=entry, check_image=check_images)
+        coll.add(item, path=problems_path, entry=entry, check_image=check_images and bool(image_name))
     return coll.result()
