@@ -41,7 +41,17 @@ flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: 
                   "vicuna_v1 for converted LLaVA-1.5)")
 flags.DEFINE_bool("pad_square", False, "pad images to a square with the mean colour (original LLaVA eval)")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "cast the checkpoint to this dtype (default: as stored)")
-flags.DEFINE_bool("ocr", True, "textvqa: put the OCR tokens in the prompt (LLaVA-1.5's reported setting)")
+flags.DEFINE_bool("ocr", None, "textvqa: put the OCR tokens in the prompt (default: on for the llava prompt, "
+                  "LLaVA-1.5's reported setting; off for the lmms prompt)")
+flags.DEFINE_enum("textvqa_prompt", "llava", ["llava", "lmms"], "textvqa: the prompt wording (llava: LLaVA's "
+                  "eval; lmms: lmms-eval's textvqa task)")
+flags.DEFINE_string("image_ids", None, "chair: a file of COCO image ids (one per line, a JSON list, or COCO file "
+                    "names) to caption instead of the --n_images seeded sample (e.g. a paper's 500 images)")
+flags.DEFINE_enum("protocol", "llava", ["llava", "lmms", "corrected"], "scoring protocol of the summary: llava "
+                  "(LLaVA's eval scripts and chair.py, what published tables report), lmms (lmms-eval), corrected "
+                  "(our fixes); it does not change the predictions")
+flags.DEFINE_bool("rescore", False, "score the saved predictions of the run in --out under --protocol without "
+                  "running the model (writes summary.{protocol}.json/.csv there)")
 flags.DEFINE_string("pope_splits", None, "pope: comma-separated categories (default: all found)")
 flags.DEFINE_integer("n_images", 500, "chair: images sampled from COCO val2014")
 flags.DEFINE_integer("seed", 0, "chair: seed of the image sample; toy sets: seed of the generated data")
@@ -52,7 +62,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.dataset is None:
+    if FLAGS.dataset is None and not FLAGS.rescore:
         print("error: --dataset is required (pope, textvqa, scienceqa, chair, toy_pope or toy_caption)",
               file=sys.stderr)
         sys.exit(2)
@@ -60,13 +70,26 @@ def main(argv):
     from jaxflow.data.datasets import DatasetError
     from jaxflow.evaluation import EvalConfig, EvaluationError, run_evaluation
 
+    if FLAGS.rescore:
+        rescore()
+        return
     options = {}
     if FLAGS.dataset == "textvqa":
-        options["ocr"] = FLAGS.ocr
+        options["prompt"] = FLAGS.textvqa_prompt
+        if FLAGS.ocr is not None:
+            options["ocr"] = FLAGS.ocr
     elif FLAGS.dataset in ("pope", "toy_pope") and FLAGS.pope_splits:
         options["splits"] = FLAGS.pope_splits
     elif FLAGS.dataset == "chair":
         options["n_images"] = FLAGS.n_images
+        if FLAGS.image_ids:
+            from jaxflow.data.datasets.chair import read_image_ids
+
+            try:
+                options["image_ids"] = read_image_ids(FLAGS.image_ids)
+            except (DatasetError, OSError, ValueError) as e:
+                print(f"error: --image_ids: {e}", file=sys.stderr)
+                sys.exit(2)
     if FLAGS.dataset in ("toy_pope", "toy_caption") and FLAGS.data_dir is None:
         options["n"] = FLAGS.toy_n
     cfg = EvalConfig(dataset=FLAGS.dataset, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
@@ -74,7 +97,7 @@ def main(argv):
                      limit=FLAGS.limit, max_new_tokens=FLAGS.max_new_tokens, epsilon=FLAGS.epsilon,
                      skip_bad=FLAGS.skip_bad, overwrite=FLAGS.overwrite, template=FLAGS.template,
                      pad_square=FLAGS.pad_square, dtype=FLAGS.dtype, seed=FLAGS.seed, options=options,
-                     progress=FLAGS.progress)
+                     progress=FLAGS.progress, protocol=FLAGS.protocol)
     try:
         res = run_evaluation(cfg)
     except (EvaluationError, DatasetError, CheckpointError) as e:
@@ -85,21 +108,53 @@ def main(argv):
               file=sys.stderr)
         sys.exit(130)
     s = res.summary
-    metric = s["primary_metric"]
     print(f"{s['model']} on {s['dataset']}: {s['n_items']} items, {len(s['layers'])} cut layer(s); "
           f"this run generated {res.items_run} item(s) in {res.seconds:.1f} s")
-    print(f"  {'K':>3}  {metric}")
-    for k, v in zip(s["layers"], s["primary"]):
-        print(f"  {k:>3}  {v:.4f}" + ("  (baseline, untruncated)" if k == s["baseline_layer"] else "")
-              + ("  <- cliff" if k == s["cliff_layer"] else ""))
-    if s["cliff_layer"] is not None:
-        print(f"cliff layer: {s['cliff_layer']} ({metric} within {s['epsilon']:g} of the baseline "
-              f"{s['baseline']:.4f} for every K >= {s['cliff_layer']})")
+    print_summary(s)
     if res.skipped:
         print(f"skipped {len(res.skipped)} item(s) with unreadable images (see summary.json)")
     print("wrote " + ", ".join(os.path.join(res.out, os.path.basename(p)) for p in
                                (res.files["predictions"], res.files["summary_json"], res.files["summary_csv"],
                                 res.files["figure"], res.files["report"])))
+
+
+def rescore():
+    """--rescore: the saved predictions of --out under --protocol."""
+    from jaxflow.evaluation import EvaluationError, rescore_run
+
+    if not FLAGS.out:
+        print("error: --rescore needs --out, the run folder whose predictions to score", file=sys.stderr)
+        sys.exit(2)
+    try:
+        s = rescore_run(FLAGS.out, FLAGS.protocol, data_dir=FLAGS.data_dir, image_dir=FLAGS.image_dir)
+    except EvaluationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{s['model']} on {s['dataset']}: {s['n_items']} items rescored under the {s['protocol']} protocol")
+    print_summary(s)
+    print(f"wrote {os.path.join(FLAGS.out, f'summary.{FLAGS.protocol}.json')} and "
+          f"{os.path.join(FLAGS.out, f'summary.{FLAGS.protocol}.csv')}")
+
+
+def print_summary(s):
+    """The metric per cut layer, the cliff layer, the protocol and the caption notes."""
+    from jaxflow.evaluation.cliff import CAPTION_DATASETS
+
+    metric = s["primary_metric"]
+    # caption sets: CHAIR alone rewards saying nothing, so recall (and the share of empty captions) go beside it
+    extra = [m for m in ("recall", "empty_ratio") if s["dataset"] in CAPTION_DATASETS
+             and all(m in r["metrics"] for r in s["per_layer"])]
+    print(f"  {'K':>3}  {metric:>8}" + "".join(f"  {m:>11}" for m in extra))
+    for k, v, r in zip(s["layers"], s["primary"], s["per_layer"]):
+        print(f"  {k:>3}  {v:8.4f}" + "".join(f"  {r['metrics'][m]:11.4f}" for m in extra)
+              + ("  (baseline, untruncated)" if k == s["baseline_layer"] else "")
+              + ("  <- cliff" if k == s["cliff_layer"] else ""))
+    for n in s.get("notes") or []:
+        print(f"note: {n}")
+    if s["cliff_layer"] is not None:
+        print(f"cliff layer: {s['cliff_layer']} ({metric} within {s['epsilon']:g} of the baseline "
+              f"{s['baseline']:.4f} for every K >= {s['cliff_layer']})")
+    print(f"scoring protocol: {s.get('protocol', 'llava')}")
 
 
 if __name__ == "__main__":

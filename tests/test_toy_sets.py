@@ -38,7 +38,7 @@ def test_toy_captions_load_and_score(tmp_path):
     # the gold caption scores perfectly
     gold = {it.id: r["caption"] for it, r in zip(ds, rows)}
     m = score("toy_caption", gold, ds.items)
-    assert m == {"chair_s": 0.0, "chair_i": 0.0, "recall": 1.0, "exact": 1.0}
+    assert m == {"chair_s": 0.0, "chair_i": 0.0, "recall": 1.0, "exact": 1.0, "empty_ratio": 0.0}
 
 
 def test_toy_caption_metric_worked_example():
@@ -51,8 +51,9 @@ def test_toy_caption_metric_worked_example():
     assert m["chair_s"] == pytest.approx(1.0)
     assert m["recall"] == pytest.approx(2 / 3)
     assert m["exact"] == 0.0
+    # an empty caption hallucinates nothing (CHAIR 0) but covers nothing: recall 0, empty_ratio 1
     assert toy_caption_metrics({"a": "nothing here"}, {"a": ["red circle"]}) == \
-        {"chair_s": 0.0, "chair_i": 0.0, "recall": 0.0, "exact": 0.0}
+        {"chair_s": 0.0, "chair_i": 0.0, "recall": 0.0, "exact": 0.0, "empty_ratio": 1.0}
 
 
 def test_toy_caption_loader_errors(tmp_path):
@@ -98,3 +99,18 @@ def test_evaluate_script_rejects_bad_toy_n(tmp_path):
                          timeout=300)
     assert res.returncode == 2 and "n must be a positive integer" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_caption_summary_says_recall_when_captions_are_empty():
+    from jaxflow.evaluation.cliff import build_summary
+
+    # K = 1: every caption empty -> CHAIR_s 0 (looks perfect) but recall 0; K = 2: no empty caption
+    per_k = {1: {"chair_s": 0.0, "chair_i": 0.0, "recall": 0.0, "exact": 0.0, "empty_ratio": 1.0},
+             2: {"chair_s": 0.5, "chair_i": 0.25, "recall": 0.75, "exact": 0.5, "empty_ratio": 0.0}}
+    s = build_summary(dataset="toy_caption", model="m", num_layers=2, layers=[1, 2], metrics_per_layer=per_k,
+                      primary_metric="chair_s", epsilon=0.01, n_items=4, sweep="all")
+    assert len(s["notes"]) == 1 and s["notes"][0].startswith("K = 1: 100% of the captions mention no object")
+    assert "recall is 0.0000" in s["notes"][0]
+    s = build_summary(dataset="toy_pope", model="m", num_layers=2, layers=[2], metrics_per_layer={2: {"f1": 1.0}},
+                      primary_metric="f1", epsilon=0.01, n_items=4, sweep="none")
+    assert "notes" not in s

@@ -17,13 +17,13 @@ from jaxflow.evaluation.records import (CURVE_PNG, PREDICTIONS, RUN_JSON, SUMMAR
                                         PredictionLog, open_run_dir, read_records, repair_jsonl)
 from jaxflow.evaluation.runner import (DATASETS, DEFAULT_MAX_NEW_TOKENS, EvalConfig, EvalResult, PreparedBatch,
                                        check_config, generate_batch, item_score, layout_rows, parse_sweep,
-                                       plan_batches, prepare_batch, prompt_lengths, resolve_layers, run_evaluation,
-                                       score_run)
+                                       plan_batches, prepare_batch, prompt_lengths, rescore_run, resolve_layers,
+                                       run_evaluation, score_run)
 
 __all__ = [
     "EvalConfig", "EvalResult", "run_evaluation", "EvaluationError", "DATASETS", "DEFAULT_MAX_NEW_TOKENS",
     "check_config", "parse_sweep", "resolve_layers", "plan_batches", "layout_rows", "prepare_batch",
-    "PreparedBatch", "prompt_lengths", "generate_batch", "item_score", "score_run",
+    "PreparedBatch", "prompt_lengths", "generate_batch", "item_score", "score_run", "rescore_run",
     "PredictionLog", "repair_jsonl", "read_records", "open_run_dir",
     "PREDICTIONS", "RUN_JSON", "SUMMARY_JSON", "SUMMARY_CSV", "CURVE_PNG",
     "cliff_layer", "CLIFF_DEFINITION", "build_summary", "summary_csv", "write_summary", "load_summary",

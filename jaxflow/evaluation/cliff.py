@@ -66,6 +66,26 @@ def summary_rows(summary: dict) -> list[dict]:
     return [dict({"K": r["K"]}, **r["metrics"]) for r in summary["per_layer"]]
 
 
+CAPTION_DATASETS = ("chair", "toy_caption")
+
+
+def caption_notes(dataset: str, metrics_per_layer, layers) -> list[str]:
+    """What a caption set's CHAIR numbers hide: at each K where captions mention no object, a note
+    that those captions count as free of hallucination while recall (what they cover) is shown
+    beside. Empty for other data sets."""
+    if dataset not in CAPTION_DATASETS:
+        return []
+    notes = []
+    for k in layers:
+        m = metrics_per_layer[k]
+        empty = m.get("empty_ratio")
+        if empty:
+            notes.append(f"K = {k}: {empty:.0%} of the captions mention no object; they count as free of "
+                         f"hallucination (lowering CHAIR_s {m.get('chair_s', 0.0):.4f}) while covering nothing: "
+                         f"recall is {m.get('recall', 0.0):.4f}")
+    return notes
+
+
 def build_summary(*, dataset: str, model: str, num_layers: int, layers, metrics_per_layer, primary_metric: str,
                   epsilon: float, n_items: int, sweep: str, params: dict | None = None,
                   extra: dict | None = None) -> dict:
@@ -85,6 +105,8 @@ def build_summary(*, dataset: str, model: str, num_layers: int, layers, metrics_
         "at_cliff": None if cliff is None else float(metrics_per_layer[cliff][primary_metric]),
         "per_layer": per_layer,
     }
+    if dataset in CAPTION_DATASETS:
+        out["notes"] = caption_notes(dataset, metrics_per_layer, layers)
     if params is not None:
         out["params"] = params
     if extra:
@@ -334,8 +356,10 @@ def evaluation_report_html(summary: dict, *, model: dict | None = None, settings
     skipped = summary.get("skipped_at_run_time") or []
     if skipped:
         facts["skipped at run time"] = f"{len(skipped)} item(s) with unreadable images (see summary.json)"
+    notes = [H.note(n, "warn") for n in summary.get("notes") or []]
     parts = [H.section("Result", H.kv_table(facts, ("run", "")),
-                       H.note("no curve: --sweep none evaluates the untruncated model only") if cliff is None else None),
+                       H.note("no curve: --sweep none evaluates the untruncated model only") if cliff is None else None,
+                       *notes),
              H.section("Metrics per cut layer K", H.table(["K", primary] + names + [""], table_rows,
                                                            left=(len(names) + 2,), highlight=hl)),
              H.figure(figure, f"{os.path.basename(figure)}: {primary} against K, baseline dotted with the epsilon band, "

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jaxflow.data.datasets.questions import template_question
-from jaxflow.evaluation.cliff import REPORT_HTML, build_summary, plot_curve, write_report, write_summary
+from jaxflow.evaluation.cliff import REPORT_HTML, build_summary, plot_curve, summary_csv, write_report, write_summary
 from jaxflow.evaluation.records import (CURVE_PNG, PREDICTIONS, EvaluationError, PredictionLog, RunLock,
                                         open_run_dir, precheck_run_dir, unique_records)
 
@@ -58,8 +58,10 @@ class EvalConfig:
     (None: ``outputs/eval/{model}/{dataset}-{sweep}``). limit: the first N items. options: data-set
     loader options (pope: splits, source; textvqa: ocr; chair: n_images; toy_pope: splits, n;
     toy_caption: n). template None: the checkpoint's own (``pipeline.default_template``). epsilon:
-    the cliff tolerance. Only batch_size, epsilon, length_bucket, progress and overwrite may change between
-    a run and its resumption; the rest must match run.json.
+    the cliff tolerance. protocol: the scoring protocol of the summary (llava | lmms | corrected,
+    `jaxflow.metrics`); it does not change the predictions, so saved predictions can be rescored
+    under another with `rescore_run`. Only batch_size, epsilon, length_bucket, progress, protocol and
+    overwrite may change between a run and its resumption; the rest must match run.json.
     """
 
     dataset: str
@@ -81,6 +83,7 @@ class EvalConfig:
     options: dict = dataclasses.field(default_factory=dict)
     length_bucket: int = 16
     progress: bool = True
+    protocol: str = "llava"
 
 
 @dataclasses.dataclass
@@ -193,6 +196,17 @@ def check_config(cfg: EvalConfig) -> None:
 
     if cfg.template is not None and cfg.template not in TEMPLATES:
         raise EvaluationError(f"--template must be one of {', '.join(TEMPLATES)}, got {cfg.template!r}")
+    _check_protocol(cfg.protocol)
+    if cfg.dataset == "scienceqa" and cfg.options.get("with_text_only"):
+        raise EvaluationError("with_text_only: the runner evaluates problems with an image; score text-only "
+                              "problems' predictions with jaxflow.metrics.score")
+
+
+def _check_protocol(protocol) -> None:
+    from jaxflow.metrics import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
 
 
 # --------------------------------------------------------------------------- batching
@@ -299,24 +313,24 @@ def generate_batch(bundle, batch: PreparedBatch, layers, max_new_tokens: int,
 # --------------------------------------------------------------------------- scoring
 
 
-def item_score(dataset: str, prediction: str, item) -> float:
-    """One item's score, the per-item value behind the data set's metrics:
-    pope 1/0 correct (LLaVA parsing); textvqa the VQA accuracy; scienceqa 1/0 correct letter;
-    chair (and toy_caption) 1/0 the caption mentions a hallucinated object (its CHAIR_s; lower is better);
-    toy_pope as pope."""
-    from jaxflow.metrics import analyse_caption, parse_letter, parse_yes_no, vqa_accuracy
-    from jaxflow.metrics.chair import WORD_TO_CLASS
+def item_score(dataset: str, prediction: str, item, protocol: str = "llava") -> float:
+    """One item's score under a scoring protocol, the per-item value behind the data set's metrics:
+    pope 1/0 correct; textvqa the VQA accuracy; scienceqa 1/0 correct letter; chair (and toy_caption)
+    1/0 the caption mentions a hallucinated object (its CHAIR_s; lower is better); toy_pope as pope."""
+    from jaxflow.metrics import parse_letter, parse_yes_no, vqa_accuracy
 
     if dataset in ("pope", "toy_pope"):
-        return float(parse_yes_no(prediction, "llava") == item.answers[0].strip().lower())
+        return float(parse_yes_no(prediction, protocol=protocol) == item.answers[0].strip().lower())
     if dataset == "textvqa":
-        return float(vqa_accuracy(prediction, list(item.answers)))
+        return float(vqa_accuracy(prediction, list(item.answers), protocol=protocol)) if item.answers else 0.0
     if dataset == "scienceqa":
         n = len(item.metadata.get("choices", ())) or None
-        return float(parse_letter(prediction, n) == item.answers[0].strip().upper())
+        return float(parse_letter(prediction, n, protocol=protocol) == item.answers[0].strip().upper())
     if dataset == "chair":
-        gt = {WORD_TO_CLASS.get(g, g) for g in item.answers}
-        return float(bool(analyse_caption(prediction, gt)["hallucinated"]))
+        from jaxflow.metrics.chair import analyse_caption, item_ground_truth
+
+        gt = item_ground_truth(item, protocol=protocol)
+        return float(bool(analyse_caption(prediction, gt, protocol=protocol)["hallucinated"]))
     if dataset == "toy_caption":
         from jaxflow.metrics import analyse_toy_caption
 
@@ -324,15 +338,15 @@ def item_score(dataset: str, prediction: str, item) -> float:
     raise ValueError(f"unknown data set {dataset!r}")
 
 
-def score_run(dataset: str, records, items, layers) -> dict[int, dict]:
-    """{K: metrics.score(...) over the items} from the (id, K) records."""
+def score_run(dataset: str, records, items, layers, protocol: str = "llava") -> dict[int, dict]:
+    """{K: metrics.score(...) over the items} from the (id, K) records, under a scoring protocol."""
     from jaxflow.metrics import score
 
     recs = unique_records(records)
     out = {}
     for k in layers:
         preds = {it.id: recs[(it.id, k)]["prediction"] for it in items}
-        out[k] = score(dataset, preds, items)
+        out[k] = score(dataset, preds, items, protocol=protocol)
     return out
 
 
@@ -447,11 +461,12 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
     missing = len(items) - len(scored)
     if missing and not skipped:
         raise EvaluationError(f"{missing} item(s) have no prediction after the run; re-run to resume")
-    metrics = score_run(cfg.dataset, records, scored, record_layers)
+    metrics = score_run(cfg.dataset, records, scored, record_layers, cfg.protocol)
     summary = build_summary(dataset=cfg.dataset, model=bundle.name, num_layers=L, layers=record_layers,
                             metrics_per_layer=metrics, primary_metric=PRIMARY_METRIC[cfg.dataset],
                             epsilon=float(cfg.epsilon), n_items=len(scored), sweep=sweep_tag(cfg.sweep),
-                            params=params, extra={"skipped_at_run_time": [list(s) for s in skipped],
+                            params=params, extra={"protocol": cfg.protocol,
+                                                  "skipped_at_run_time": [list(s) for s in skipped],
                                                   "load_stats": {"records": ds.stats.records,
                                                                  "skipped": ds.stats.skipped,
                                                                  "filtered": ds.stats.filtered}})
@@ -460,6 +475,75 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
     files["report"] = _write_report(cfg, out, summary, bundle, scored, records, record_layers, files)
     n_run = sum(len(b) for b in todo)
     return EvalResult(summary=summary, out=out, files=files, items_run=n_run, seconds=seconds, skipped=skipped)
+
+
+def rescore_run(out: str, protocol: str, *, data_dir: str | None = None, image_dir: str | None = None,
+                epsilon: float | None = None) -> dict:
+    """Scores a finished run's saved predictions under another scoring protocol, without the model:
+    reads run.json and predictions.jsonl in `out`, loads the same items (the run's data files, or
+    `data_dir`/`image_dir` where they have moved; the items must be the run's, checked by their
+    digest) and writes summary.{protocol}.json and summary.{protocol}.csv beside the run's own
+    summary (atomically; nothing else is written). epsilon: the cliff tolerance (default: the run's
+    summary's). Returns that summary (with "protocol")."""
+    from jaxflow.data.datasets import DatasetError
+    from jaxflow.evaluation.records import RUN_JSON, _read_run_json, read_records, write_json_atomic
+    from jaxflow.metrics import PRIMARY_METRIC
+
+    _check_protocol(protocol)
+    run_path = os.path.join(out, RUN_JSON)
+    if not os.path.isfile(run_path):
+        raise EvaluationError(f"no run.json in {out}: rescoring needs a run folder of scripts/evaluate.py")
+    params = _read_run_json(run_path)["params"]
+    dataset = params["dataset"]
+    if (data_dir is None) != (image_dir is None):
+        raise EvaluationError("give both --data_dir and --image_dir (where the run's data files are now), or neither")
+    if data_dir is None:
+        data_dir, image_dir = params["data_dir"], params["image_dir"]
+    cfg = EvalConfig(dataset=dataset, checkpoint=params.get("checkpoint"),
+                     data_dir=None if data_dir == "fixtures" else data_dir,
+                     image_dir=None if image_dir == "fixtures" else image_dir, limit=params.get("limit"),
+                     skip_bad=bool(params.get("skip_bad")), seed=params.get("seed") or 0,
+                     options=dict(params.get("options") or {}))
+    try:
+        if cfg.data_dir is None:  # bundled fixtures / generated toy data: the same files again, in a temporary folder
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="jaxflow-rescore-") as tmp:
+                ds = _load_data(cfg, tmp)
+        else:
+            ds = _load_data(cfg, out)
+    except (DatasetError, OSError) as e:
+        raise EvaluationError(f"cannot load the run's items: {e}") from None
+    if _items_digest(ds.items) != params.get("items_sha256"):
+        raise EvaluationError(f"the items loaded from {data_dir} are not the run's (their digest differs from "
+                              "run.json): point --data_dir/--image_dir at the run's data")
+    records = read_records(os.path.join(out, PREDICTIONS))
+    layers = [int(k) for k in params["layers"]]
+    done = unique_records(records)
+    scored = [it for it in ds.items if all((it.id, k) in done for k in layers)]
+    if not scored:
+        raise EvaluationError(f"{out} has no item with a prediction for every cut layer: finish the run first")
+    metrics = score_run(dataset, records, scored, layers, protocol)
+    L = int(params["num_layers"])
+    if epsilon is None:
+        own = os.path.join(out, "summary.json")
+        epsilon = 0.01
+        if os.path.isfile(own):
+            with open(own, encoding="utf-8") as f:
+                epsilon = float(json.load(f).get("epsilon", epsilon))
+    summary = build_summary(dataset=dataset, model=params["model"], num_layers=L, layers=layers,
+                            metrics_per_layer=metrics, primary_metric=PRIMARY_METRIC[dataset],
+                            epsilon=float(epsilon),
+                            n_items=len(scored), sweep=params["sweep"], params=params,
+                            extra={"protocol": protocol, "rescored_from": os.path.abspath(out)})
+    jpath = os.path.join(out, f"summary.{protocol}.json")
+    write_json_atomic(jpath, summary)
+    cpath = os.path.join(out, f"summary.{protocol}.csv")
+    tmp = f"{cpath}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(summary_csv(summary))
+    os.replace(tmp, cpath)
+    return summary
 
 
 def _write_report(cfg, out, summary, bundle, items, records, record_layers, files, n_examples: int = 10) -> str:
@@ -590,7 +674,8 @@ def _run_batches(cfg, bundle, items, todo, layers, record_layers, max_new, plog,
                 for k in record_layers:
                     for it, (text, n_tok) in zip(batch.items, answers[k]):
                         recs.append({"id": it.id, "K": int(k), "prediction": text,
-                                     "score": item_score(cfg.dataset, text, it), "n_tokens": int(n_tok)})
+                                     "score": item_score(cfg.dataset, text, it, cfg.protocol),
+                                     "n_tokens": int(n_tok)})
                 written = plog.append(recs)
             bar.update(len(b))
             if on_batch is not None:
