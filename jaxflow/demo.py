@@ -105,12 +105,13 @@ def _write_demo(out, final, bundle, image, question, template, text, ids, batch,
 
         try:
             run_analysis(checkpoint, image, question, out=os.path.join(out, "analysis"), template=template,
-                         max_new_tokens=max_new_tokens, pad_square=pad_square, progress=progress)
+                         max_new_tokens=max_new_tokens, pad_square=pad_square, progress=progress, bundle=bundle)
             if progress:
                 progress("truncation sweep: every cut layer K in one program, then each K's answer "
                          "(compiles on first use, from the cache afterwards)")
             report, _ = run_sweep_report(checkpoint, image, question, out=os.path.join(out, "truncation"),
-                                         template=template, max_new_tokens=max_new_tokens, pad_square=pad_square)
+                                         template=template, max_new_tokens=max_new_tokens, pad_square=pad_square,
+                                         bundle=bundle)
         except (AnalyzeError, ValueError) as e:
             raise DemoError(str(e)) from e
         result["analysis"] = os.path.join(result["out"], "analysis")

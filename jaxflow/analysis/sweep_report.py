@@ -105,7 +105,7 @@ def _logsumexp(x):
 
 def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new_tokens=16, layers=None,
                      keep_top_k=0, epsilon=0.05, pad_square=False, overwrite=False, items=None, batch_size=8,
-                     progress=None):
+                     progress=None, bundle=None):
     """What scripts/truncation_sweep.py does: report + answers.json + sweep.png + report.html in `out`,
     published by `jaxflow.outputs` (a folder holding files jaxflow did not write is refused unless
     `overwrite`). Returns (SweepReport, [paths]).
@@ -115,7 +115,8 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
     run in batches of `batch_size`, each item's answers.json and sweep.png go to
     `out/<index>_<image stem>/`, with one report.html (a summary table, then one section per item) and
     items.json at the top. Everything is checked before any computation. Returns ([SweepReport per
-    item], [paths of the top-level entries]). Raises ValueError (one line) on bad input."""
+    item], [paths of the top-level entries]). Raises ValueError (one line) on bad input. `bundle`: the
+    checkpoint's already loaded bundle, to skip loading it again."""
     import os
     import shutil
 
@@ -145,10 +146,15 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
         layers = None if layers is None else [int(k) for k in layers]
     except ValueError as e:
         raise ValueError(f"--layers must be integers: {e}") from e
-    try:
-        bundle = load_bundle(checkpoint, template=template)
-    except (CheckpointError, OSError) as e:
-        raise ValueError(str(e)) from e
+    if bundle is None:
+        try:
+            bundle = load_bundle(checkpoint, template=template)
+        except (CheckpointError, OSError) as e:
+            raise ValueError(str(e)) from e
+    elif template is not None and template != bundle.template:
+        import dataclasses
+
+        bundle = dataclasses.replace(bundle, template=template)
     L = bundle.config.text.num_layers
     if layers is not None and any(k < 0 or k > L for k in layers):  # before any computation
         raise ValueError(f"layers must be cut layers K in 0..{L} ({L} = untruncated), got {sorted(set(layers))}")

@@ -67,18 +67,30 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * y.astype(x.dtype)
 
 
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Module-level functions, not lambdas made per call: a module stores its activation as static
+# pytree metadata, so a fresh function per loaded model would make every jit see a new model
+# structure and compile again (the demo compiled its generate program three times).
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu_exact, "gelu_pytorch_tanh": gelu_tanh,
+               "silu": jax.nn.silu, "relu": jax.nn.relu}
+
+
 def activation(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "gelu_pytorch_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "silu":
-        return jax.nn.silu
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(f"unknown activation {name!r}")
+    """The activation function of a config name (the same function object on every call)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 # --------------------------------------------------------------------------- RoPE

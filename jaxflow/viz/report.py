@@ -367,7 +367,7 @@ def _answer_ids(tok, text: str, where: str = "") -> list[int]:
 def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("paper", "gradcam"), smooth_n=0,
                  smooth_sigma=0.15, threshold=None, score="logit", template=None, max_new_tokens=8,
                  pad_square=False, heads="mean", queries="predicting", layer=None, max_token_maps=8, seed=0,
-                 progress=print, overwrite=False, items=None, batch_size=8) -> dict:
+                 progress=print, overwrite=False, items=None, batch_size=8, bundle=None) -> dict:
     """Runs every analysis on one (image, question[, answer]) and writes figures, arrays.npz,
     summary.json and report.html into `out` (`jaxflow.outputs`: a folder holding files jaxflow did not
     write is refused unless `overwrite`; an earlier run's outputs are replaced, none left stale).
@@ -407,8 +407,11 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
             text = it.answer if it.answer is not None else answer
             if text is not None:
                 given[it.name] = (text, _answer_ids(tok, text, f"{it.source}: " if multi else ""))
-        step(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
-        bundle = load_bundle(checkpoint, template=template)
+        if bundle is None:
+            step(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
+            bundle = load_bundle(checkpoint, template=template)
+        elif template is not None and template != bundle.template:
+            bundle = dataclasses.replace(bundle, template=template)
         template = bundle.template
         check_pad_square(bundle, pad_square, AnalyzeError)
     except AnalyzeError:
