@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from jaxflow.pipeline import answer, encode, load_bundle, spans_summary, write_json
+from jaxflow.pipeline import SCRIPT_LENGTH_BUCKET, answer, encode, load_bundle, spans_summary, write_json
 
 
 class DemoError(ValueError):
@@ -53,7 +53,8 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
         raise DemoError(str(e)) from e
     template = bundle.template
     try:
-        ans = answer(bundle, [image], [question], max_new_tokens=max_new_tokens, pad_square=pad_square)
+        ans = answer(bundle, [image], [question], max_new_tokens=max_new_tokens, pad_square=pad_square,
+                     length_bucket=SCRIPT_LENGTH_BUCKET)  # the analyses' bucket: one generate program for both
     except (OSError, ValueError) as e:
         raise DemoError(str(e)) from e
     text, ids = ans.texts[0], ans.token_ids[0]

@@ -233,17 +233,49 @@ def format_prompts(bundle: Bundle, questions: list[str]) -> list[str]:
     return [format_prompt(q, bundle.template, bundle.image_token, tokenizer=bundle.tokenizer) for q in questions]
 
 
+# The scripts' sequence-length bucket: a prompt (with its answer) is left-padded to a multiple of this
+# many tokens, so questions of similar length share one compiled program (and its cache entry).
+SCRIPT_LENGTH_BUCKET = 32
+
+
+def length_bucket_for(bundle: Bundle, length_bucket: int | None) -> int | None:
+    """The bucket to use for a bundle's family: None where left padding changes the results (Qwen-VL
+    puts RoPE at the padded index and takes its NTK factor from the padded length)."""
+    return None if bundle.family == "qwen_vl" else length_bucket
+
+
+def pad_to_bucket(batch: EncodedBatch, length_bucket: int, pad_id: int) -> EncodedBatch:
+    """Left-pads a batch (B, T) to (B, T') with T' the next multiple of length_bucket; padding is
+    masked out, so every row computes what it computes unpadded (positions count real tokens)."""
+    b, t = batch.input_ids.shape
+    extra = -(-t // length_bucket) * length_bucket - t
+    if extra == 0:
+        return batch
+    return EncodedBatch(
+        input_ids=np.concatenate([np.full((b, extra), pad_id, batch.input_ids.dtype), batch.input_ids], 1),
+        attention_mask=np.concatenate([np.zeros((b, extra), batch.attention_mask.dtype), batch.attention_mask], 1),
+        answer_mask=np.concatenate([np.zeros((b, extra), bool), batch.answer_mask], 1),
+        prompt_lengths=batch.prompt_lengths)
+
+
 def encode(bundle: Bundle, images, questions: list[str], answers: list | None = None, *,
-           pad_square: bool = False, padding_side: str = "left", with_images: bool = False):
+           pad_square: bool = False, padding_side: str = "left", with_images: bool = False,
+           length_bucket: int | None = None):
     """Images (paths or PIL images) and questions (and optional answers: strings or token-id lists)
     -> (EncodedBatch, pixel_values) (the family's layout: LLaVA (B, 3, H, W), InternVL the tiles of
-    the B images), or (EncodedBatch, EncodedImages) with with_images=True."""
+    the B images), or (EncodedBatch, EncodedImages) with with_images=True. length_bucket: left-pad
+    the batch to a multiple of that many tokens (`length_bucket_for`: not for Qwen-VL)."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     enc = encode_images(bundle, images, pad_square=pad_square)
     batch = encode_batch(bundle.tokenizer, format_prompts(bundle, questions), image_token=bundle.image_token,
                          image_token_id=bundle.config.image_token_id, num_image_tokens=enc.tokens.tolist(),
                          answers=answers, padding_side=padding_side)
+    bucket = length_bucket_for(bundle, length_bucket)
+    if bucket and bucket > 1 and padding_side == "left":
+        from jaxflow.data.prompts import _resolve_pad_id
+
+        batch = pad_to_bucket(batch, int(bucket), _resolve_pad_id(bundle.tokenizer, None))
     return (batch, enc) if with_images else (batch, enc.pixel_values)
 
 
@@ -263,11 +295,12 @@ class Answers:
 
 
 def answer(bundle: Bundle, images, questions: list[str], *, max_new_tokens: int = 32, pad_square: bool = False,
-           truncate_at: int | None = None) -> Answers:
-    """Greedy answers, one per (image, question)."""
+           truncate_at: int | None = None, length_bucket: int | None = None) -> Answers:
+    """Greedy answers, one per (image, question) (length_bucket: as `encode`)."""
     from jaxflow.generate import generate
 
-    batch, enc = encode(bundle, images, questions, pad_square=pad_square, with_images=True)
+    batch, enc = encode(bundle, images, questions, pad_square=pad_square, with_images=True,
+                        length_bucket=length_bucket)
     gen = generate(bundle.model, batch.input_ids, enc.pixel_values, batch.attention_mask,
                    max_new_tokens=max_new_tokens, truncate_at=truncate_at, **enc.image_kw)
     eos = set(bundle.config.text.eos_token_id)

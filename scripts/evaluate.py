@@ -110,6 +110,10 @@ def main(argv):
     s = res.summary
     print(f"{s['model']} on {s['dataset']}: {s['n_items']} items, {len(s['layers'])} cut layer(s); "
           f"this run generated {res.items_run} item(s) in {res.seconds:.1f} s")
+    if "submission" in s:  # a split without answers: EvalAI upload files, no score
+        print(s["note"])
+        print("wrote " + ", ".join(os.path.join(res.out, f) for f in s["submission"].values()))
+        return
     print_summary(s)
     if res.skipped:
         print(f"skipped {len(res.skipped)} item(s) with unreadable images (see summary.json)")

@@ -65,3 +65,37 @@ def test_rescore_script(pope_runs):
     res = subprocess.run([sys.executable, "scripts/evaluate.py", "--rescore"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip() == \
         "error: --rescore needs --out, the run folder whose predictions to score"
+
+
+def test_textvqa_test_split_writes_evalai_submissions(tmp_path):
+    """A split without answers is not scored: the run writes the EvalAI upload file per cut layer."""
+    from jaxflow.data.fixtures import write_fixtures
+    from jaxflow.evaluation import EvalConfig, run_evaluation
+    from jaxflow.metrics import normalize_answer
+
+    data_dir, image_dir = write_fixtures(str(tmp_path / "fx"))["textvqa"]
+    with open(os.path.join(data_dir, "TextVQA_0.5.1_val.json")) as f:
+        root = json.load(f)
+    root["dataset_type"] = "test"
+    for e in root["data"]:
+        e.pop("answers", None)
+        e["set_name"] = "test"
+    test_file = tmp_path / "TextVQA_0.5.1_test.json"
+    test_file.write_text(json.dumps(root))
+    res = run_evaluation(EvalConfig(dataset="textvqa", data_dir=str(test_file), image_dir=image_dir,
+                                    out=str(tmp_path / "run"), sweep="0", batch_size=8, max_new_tokens=3,
+                                    progress=False))
+    s = res.summary
+    assert s["submission"] == {"0": "submission_K0.json", "4": "submission.json"} and "per_layer" not in s
+    preds = {}
+    with open(res.files["predictions"]) as f:
+        for line in f:
+            r = json.loads(line)
+            preds[(r["id"], r["K"])] = r["prediction"]
+    with open(tmp_path / "run" / "submission.json") as f:
+        sub = json.load(f)
+    # EvalAI's format: every test question once, its integer id and the normalised answer of K = L
+    assert [e["question_id"] for e in sub] == [int(e["question_id"]) for e in root["data"]]
+    assert all(e["answer"] == normalize_answer(preds[(str(e["question_id"]), 4)]) for e in sub)
+    with open(tmp_path / "run" / "summary.json") as f:
+        assert json.load(f)["submission"]["4"] == "submission.json"

@@ -10,6 +10,7 @@ and writes one sub-folder per item plus one report.html."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -47,11 +48,12 @@ def sweep_report(bundle: Bundle, image, question: str, *, max_new_tokens: int = 
 
 
 def sweep_reports(bundle: Bundle, images, questions, *, max_new_tokens: int = 16, layers=None,
-                  keep_top_k: int = 0, epsilon: float = 0.05, pad_square: bool = False) -> list[SweepReport]:
+                  keep_top_k: int = 0, epsilon: float = 0.05, pad_square: bool = False,
+                  progress=None) -> list[SweepReport]:
     """`sweep_report` of several (image, question) pairs as one batch (rows padded on the left):
     one `truncation_generate` and one teacher-forced `truncation_sweep` for all of them. Returns one
     SweepReport per pair, in order."""
-    from jaxflow.pipeline import check_pad_square, image_token_count
+    from jaxflow.pipeline import SCRIPT_LENGTH_BUCKET, check_pad_square, image_token_count
 
     images, questions = list(images), list(questions)
     if len(images) != len(questions):
@@ -60,7 +62,12 @@ def sweep_reports(bundle: Bundle, images, questions, *, max_new_tokens: int = 16
     model = bundle.model
     L = model.config.text.num_layers
     ks = np.arange(L + 1) if layers is None else np.asarray(sorted(set(int(k) for k in layers) | {L}))
-    batch, enc = encode(bundle, images, questions, pad_square=pad_square, with_images=True)
+    # left-padded to the scripts' length bucket: questions of similar length share compiled programs
+    batch, enc = encode(bundle, images, questions, pad_square=pad_square, with_images=True,
+                        length_bucket=SCRIPT_LENGTH_BUCKET)
+    say = progress or (lambda *_: None)
+    say(f"truncated generation: {len(ks)} cut layers K at once, up to {max_new_tokens} tokens "
+        "(compiles on first use, from the cache afterwards)")
     gen = truncation_generate(model, batch.input_ids, enc.pixel_values, batch.attention_mask, ks,
                               max_new_tokens=max_new_tokens, keep_top_k=keep_top_k, **enc.image_kw)
     eos = tuple(model.config.text.eos_token_id)
@@ -70,7 +77,9 @@ def sweep_reports(bundle: Bundle, images, questions, *, max_new_tokens: int = 16
            for b in range(n)]  # [B][V]
     ref_ids = [ids[b][-1] or [int(gen.tokens[-1, b, 0])] for b in range(n)]  # an empty answer: track its first token
     # teacher-force the reference answers: prompt + answer, every K at once
-    tf, tf_enc = encode(bundle, images, questions, ref_ids, pad_square=pad_square, with_images=True)
+    say("teacher-forced sweep: the untruncated answer's probability under every K")
+    tf, tf_enc = encode(bundle, images, questions, ref_ids, pad_square=pad_square, with_images=True,
+                        length_bucket=SCRIPT_LENGTH_BUCKET)
     sweep = truncation_sweep(model, tf.input_ids, tf_enc.pixel_values, tf.attention_mask, ks, keep_top_k=keep_top_k,
                              **tf_enc.image_kw)
     out = []
@@ -127,7 +136,12 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
     from jaxflow.viz.report import Item, as_items
     from jaxflow.viz.truncation import plot_sweep_report
 
-    say = progress or (lambda *_: None)
+    t_start = time.time()
+
+    def say(msg):
+        if progress:
+            progress(f"[{time.time() - t_start:6.1f}s] {msg}")
+
     multi = items is not None
     if multi and image is not None:
         raise ValueError("--image and --images are mutually exclusive: pass one")
@@ -147,6 +161,7 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
     except ValueError as e:
         raise ValueError(f"--layers must be integers: {e}") from e
     if bundle is None:
+        say(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
         try:
             bundle = load_bundle(checkpoint, template=template)
         except (CheckpointError, OSError) as e:
@@ -165,7 +180,8 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
             say(f"items {start}..{start + len(chunk) - 1} of {len(item_list)}")
         reports += sweep_reports(bundle, [it.image for it in chunk], [it.question for it in chunk],
                                  max_new_tokens=max_new_tokens, layers=layers, keep_top_k=keep_top_k,
-                                 epsilon=epsilon, pad_square=pad_square)
+                                 epsilon=epsilon, pad_square=pad_square, progress=say)
+    say("writing answers.json, sweep.png and report.html")
     settings = {"max_new_tokens": max_new_tokens, "layers": "all (0..L)" if layers is None else layers,
                 "keep_top_k": keep_top_k, "epsilon": epsilon, "template": bundle.template, "pad_square": pad_square}
     if multi:

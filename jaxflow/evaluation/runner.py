@@ -461,6 +461,9 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
     missing = len(items) - len(scored)
     if missing and not skipped:
         raise EvaluationError(f"{missing} item(s) have no prediction after the run; re-run to resume")
+    if cfg.dataset == "textvqa" and scored and not any(it.answers for it in scored):
+        return _submission_result(cfg, out, bundle, L, record_layers, records, scored, params, files, todo,
+                                  seconds, skipped)
     metrics = score_run(cfg.dataset, records, scored, record_layers, cfg.protocol)
     summary = build_summary(dataset=cfg.dataset, model=bundle.name, num_layers=L, layers=record_layers,
                             metrics_per_layer=metrics, primary_metric=PRIMARY_METRIC[cfg.dataset],
@@ -475,6 +478,32 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
     files["report"] = _write_report(cfg, out, summary, bundle, scored, records, record_layers, files)
     n_run = sum(len(b) for b in todo)
     return EvalResult(summary=summary, out=out, files=files, items_run=n_run, seconds=seconds, skipped=skipped)
+
+
+def _submission_result(cfg, out, bundle, L, record_layers, records, items, params, files, todo, seconds,
+                       skipped) -> EvalResult:
+    """A split without answers (TextVQA test): no score, but the EvalAI upload file per cut layer K,
+    submission_K{K}.json, and submission.json for the untruncated model (K = L)."""
+    from jaxflow.evaluation.records import write_json_atomic
+    from jaxflow.metrics import write_textvqa_submission
+
+    recs = unique_records(records)
+    subs = {}
+    for k in record_layers:
+        preds = {it.id: recs[(it.id, k)]["prediction"] for it in items}
+        name = "submission.json" if k == L else f"submission_K{k}.json"
+        subs[int(k)] = write_textvqa_submission(preds, items, os.path.join(out, name))
+    summary = {"dataset": cfg.dataset, "model": bundle.name, "num_layers": L, "sweep": sweep_tag(cfg.sweep),
+               "n_items": len(items), "layers": [int(k) for k in record_layers], "protocol": cfg.protocol,
+               "submission": {str(k): os.path.basename(p) for k, p in subs.items()},
+               "note": "a split without answers (TextVQA test): upload submission.json (K = L) or a "
+                       "submission_K{K}.json to the EvalAI TextVQA challenge; nothing is scored here",
+               "params": params, "skipped_at_run_time": [list(x) for x in skipped]}
+    write_json_atomic(files["summary_json"], summary)
+    files = {k: v for k, v in files.items() if k in ("predictions", "run", "summary_json")}
+    files["submission"] = subs[L] if L in subs else next(iter(subs.values()))
+    return EvalResult(summary=summary, out=out, files=files, items_run=sum(len(b) for b in todo), seconds=seconds,
+                      skipped=skipped)
 
 
 def rescore_run(out: str, protocol: str, *, data_dir: str | None = None, image_dir: str | None = None,

@@ -46,6 +46,7 @@ import numpy as np
 from jaxflow.analysis.attention import attention_analysis
 from jaxflow.analysis.cam import METHODS, llava_cams
 from jaxflow.analysis.flow import FLOWS, information_flow
+from jaxflow.pipeline import SCRIPT_LENGTH_BUCKET
 from jaxflow.pipeline import answer as greedy_answer
 from jaxflow.pipeline import (check_pad_square, encode, image_token_count, load_bundle, spans_summary,
                               write_json)
@@ -506,13 +507,15 @@ def _compute(bundle, chunk, given, opts, step) -> list[dict]:
         if todo:
             step(f"generating the greedy answer{'s' if len(todo) > 1 else ''} (up to {opts['max_new_tokens']} tokens)")
             ans = greedy_answer(bundle, [images[j] for j in todo], [questions[j] for j in todo],
-                                max_new_tokens=opts["max_new_tokens"], pad_square=pad_square)
+                                max_new_tokens=opts["max_new_tokens"], pad_square=pad_square,
+                                length_bucket=SCRIPT_LENGTH_BUCKET)
             for j, ids, text in zip(todo, ans.token_ids, ans.texts):
                 if not ids:
                     where = f"item {chunk[j].name}: " if chunk[j].name else ""
                     raise AnalyzeError(f"{where}the model's greedy answer is empty (it stopped at once); pass --answer")
                 answer_ids[j], answer_texts[j] = ids, text
-        batch, enc = encode(bundle, images, questions, answer_ids, pad_square=pad_square, with_images=True)
+        batch, enc = encode(bundle, images, questions, answer_ids, pad_square=pad_square, with_images=True,
+                            length_bucket=SCRIPT_LENGTH_BUCKET)  # similar lengths share compiled programs
         frames = [map_image(bundle, im, pad_square=pad_square) for im in images]
     except AnalyzeError:
         raise
