@@ -100,13 +100,14 @@ def _check_impl(attn_impl):
 
 def forward_core(model: VisionLanguageModel, input_ids, images, attention_mask, *, impl="fused",
                  truncate_at=None, keep_image_mask=None, mlp_in_delta=None, attn_rows=None, attn_row_delta=None,
-                 capture=(), input_embeds=None):
+                 capture=(), input_embeds=None, knockout=None):
     """Pure forward, any family. input_ids/attention_mask (B, T) int32; images: the model's
     `image_inputs` (the processor's pixel_values and what the family derives from them), or None.
 
     `input_embeds` (B, T, D), when given, replaces the embedding step (used to differentiate with
     respect to the embedded sequence). `keep_image_mask` (B, T) bool marks image tokens that
-    truncation keeps (FastV-style partial truncation). Returns ForwardOutput.
+    truncation keeps (FastV-style partial truncation). `knockout` (queries (B, T), keys (B, T), layers
+    (L,)) bool: attention knockout (`LlamaModel.run_layers`). Returns ForwardOutput.
     """
     lm = model.language_model
     x = model.embed(input_ids, images, impl) if input_embeds is None else input_embeds
@@ -119,7 +120,7 @@ def forward_core(model: VisionLanguageModel, input_ids, images, attention_mask, 
         image_keys = image_keys & ~keep_image_mask
     out = lm.run_layers(x, cos, sin, allowed, impl=impl, image_keys=image_keys, truncate_at=truncate_at,
                         attn_rows=attn_rows, attn_row_delta=attn_row_delta, mlp_in_delta=mlp_in_delta,
-                        capture=capture)
+                        capture=capture, knockout=knockout)
     return ForwardOutput(logits=lm.logits(out.hidden), hidden=out.hidden, captures=out.captures,
                          attn_rows=out.attn_rows)
 

@@ -122,7 +122,8 @@ class LlamaModel(nnx.Module):
 
     def run_layers(self, x, cos, sin, allowed, *, impl: str = "fused", image_keys=None, truncate_at=None,
                    cache=None, write_index=None, attn_rows=None, attn_row_delta=None, mlp_in_delta=None,
-                   capture=(), capture_rows=None, capture_kv_len=None, layers=None) -> LayerStackOutput:
+                   capture=(), capture_rows=None, capture_kv_len=None, layers=None,
+                   knockout=None) -> LayerStackOutput:
         """Runs the decoder layers.
 
         x (B, T, D) input embeddings; cos/sin (B, T, hd); allowed (B, T, S) bool: query t may see key
@@ -132,6 +133,8 @@ class LlamaModel(nnx.Module):
         slot `write_index` (scalar) onward. `layers` (start, stop) runs only that slice of the stack.
         capture_rows (B, R) int gathers the "residual"/"mlp_in" captures at those rows only;
         capture_kv_len (static int) keeps only the first that many slots of the "kv" capture.
+        knockout (queries (B, T) bool, keys (B, S) bool, layers (L,) bool): in every selected layer no
+        query row in `queries` attends to a key slot in `keys` (attention knockout; positions unchanged).
         """
         unknown = set(capture) - set(CAPTURES)
         if unknown:
@@ -161,6 +164,9 @@ class LlamaModel(nnx.Module):
             ok = allowed
             if truncating:
                 ok = ok & ~(image_keys[:, None, :] & (l >= truncate_at))
+            if knockout is not None:
+                ko_q, ko_k, ko_layers = knockout
+                ok = ok & ~(ko_q[:, :, None] & ko_k[:, None, :] & ko_layers[l])
             ys = {}
 
             def attention(q, k, v):
