@@ -6,7 +6,9 @@ energy-in-box share, per decoder layer and CAM method, with a table and per-laye
 
 A boxes file has one JSON object per line: {"image": ..., "question": ..., "box": [x0, y0, x1, y1],
 "answer": ... (optional)}, the box in the image's own pixels (e.g. a COCO instance's bbox converted to
-corners). Writes summary.json, per_sample.npz, faithfulness.png and report.html (one self-contained page:
+corners). Deletion curves (--deletion_steps): each layer's map ranks the image tokens, knocked out of
+attention top first; the area under the answer's probability curve per method and layer, against a
+random order. Writes summary.json, per_sample.npz, faithfulness.png, deletion.png and report.html (one self-contained page:
 the per-layer table, the figure, the settings, the model, an example prompt as tokenised and the words the
 tokenizer does not know). See docs/analysis.md.
 """
@@ -28,6 +30,11 @@ flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: 
                   "vicuna_v1 for converted LLaVA-1.5, internvl for InternVL)")
 flags.DEFINE_bool("pad_square", False, "LLaVA only: pad images to a square with the mean colour "
                   "(original LLaVA eval)")
+flags.DEFINE_integer("deletion_steps", 20, "deletion curves: knock out each map's top image tokens in this many "
+                     "equal steps (0: no deletion curves; LLaVA-style patch grids)")
+flags.DEFINE_enum("deletion_queries", "answer", ["answer", "text"], "deletion curves: knock the tokens out for the "
+                  "answer-predicting positions, or for every position after the image (models that read the image "
+                  "into the question first, like the toy)")
 flags.DEFINE_string("out", "outputs/faithfulness", "output folder: summary.json, per_sample.npz, faithfulness.png, "
                     "report.html")
 flags.DEFINE_bool("overwrite", False, "write into an --out that holds files jaxflow did not write "
@@ -44,7 +51,9 @@ def main(argv):
         result, files = run_faithfulness(FLAGS.checkpoint, out=FLAGS.out, n=FLAGS.n, seed=FLAGS.seed,
                                          methods=FLAGS.methods, boxes=FLAGS.boxes, image_dir=FLAGS.image_dir,
                                          batch_size=FLAGS.batch_size, pad_square=FLAGS.pad_square,
-                                         template=FLAGS.template, overwrite=FLAGS.overwrite)
+                                         template=FLAGS.template, overwrite=FLAGS.overwrite,
+                                         deletion_steps=FLAGS.deletion_steps,
+                                         deletion_queries=FLAGS.deletion_queries)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -54,6 +63,12 @@ def main(argv):
         best = result.best_layer(m)
         print(f"{m}: best layer {best}, pointing {result.pointing[m][best]:.3f} "
               f"(chance {result.chance_pointing:.3f}), energy {result.energy[m][best]:.3f}")
+    if result.deletion is not None:
+        d = result.deletion
+        print(f"deletion curves ({d['queries']} queries): area per layer (random order {d['auc_random']:.3f})")
+        for m in result.methods:
+            print(f"  {m:10s} " + " ".join(f"{v:.3f}" for v in d["auc"][m])
+                  + f"   best layer {result.deletion_best_layer(m)}")
     for msg in result.zero_notes():
         print(f"note: {msg}")
     print(f"wrote {', '.join(files)}")

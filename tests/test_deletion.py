@@ -91,3 +91,23 @@ def test_bad_rankings_are_one_line_errors(toy_batch):
     with pytest.raises(ValueError, match="queries must be one of answer, text"):
         deletion_curves(bundle.model, ids, enc.pixel_values, batch.attention_mask, batch.answer_mask,
                         {"r": random_rankings(len(ids), 64)}, queries="all")
+
+
+def test_faithfulness_reports_deletion_areas():
+    """faithfulness() adds per-layer deletion areas; on 32 held-out toy samples (text queries, 10 steps)
+    the paper map's best layer (measured 0.40-0.45) is far below a random order (measured 0.85-0.9)."""
+    from jaxflow.analysis.faithfulness import faithfulness
+    from jaxflow.pipeline import load_bundle
+    from jaxflow.toy.sets import faithfulness_samples
+
+    bundle = load_bundle(None)
+    res = faithfulness(bundle, faithfulness_samples(32, 0), ("paper",), deletion_steps=10, deletion_queries="text")
+    d = res.deletion
+    L = bundle.config.text.num_layers
+    assert d["auc"]["paper"].shape == (L,) and len(d["fractions"]) == 11 and d["queries"] == "text"
+    best = res.deletion_best_layer("paper")
+    assert d["auc"]["paper"][best] < 0.6 and d["auc"]["paper"][best] < d["auc_random"] - 0.2
+    s = res.summary()["deletion"]
+    assert s["best_layer"]["paper"] == best and len(s["curve_best"]["paper"]) == 11
+    off = faithfulness(bundle, faithfulness_samples(4, 0), ("paper",), deletion_steps=0)
+    assert off.deletion is None and "deletion" not in off.summary()

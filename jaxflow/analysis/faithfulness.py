@@ -96,11 +96,30 @@ class FaithfulnessResult:
     chance_energy: float  # mean share of the image area covered by the box
     answers: list  # the answer each sample's maps explain
     zero_maps: dict | None = None  # method -> (N, L) bool: the sample's map at that layer is all zero
+    deletion: dict | None = None  # deletion curves (see `deletion_summary`), None when not computed
 
     def best_layer(self, method: str) -> int:
         return int(np.argmax(self.pointing[method]))
 
+    def deletion_best_layer(self, method: str) -> int:
+        """The layer whose map's deletion curve has the smallest area (the most faithful order)."""
+        return int(np.argmin(self.deletion["auc"][method]))
+
     def summary(self) -> dict:
+        out = self._summary()
+        if self.deletion is not None:
+            d = self.deletion
+            out["deletion"] = {"queries": d["queries"], "steps": len(d["fractions"]) - 1,
+                               "fractions": [float(f) for f in d["fractions"]],
+                               "auc": {m: [float(v) for v in d["auc"][m]] for m in self.methods},
+                               "auc_random": float(d["auc_random"]),
+                               "best_layer": {m: self.deletion_best_layer(m) for m in self.methods},
+                               "curve_random": [float(v) for v in d["curve_random"]],
+                               "curve_best": {m: [float(v) for v in d["curves"][m][self.deletion_best_layer(m)]]
+                                              for m in self.methods}}
+        return out
+
+    def _summary(self) -> dict:
         return {"n": self.n, "num_layers": self.num_layers, "methods": list(self.methods),
                 "chance": {"pointing": self.chance_pointing, "energy": self.chance_energy},
                 "per_method": {m: {"pointing": [float(v) for v in self.pointing[m]],
@@ -150,10 +169,18 @@ class FaithfulnessResult:
 
 def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, batch_size: int = 16,
                  pad_square: bool = False, max_new_tokens: int = 16, progress: bool = False,
-                 attn_impl: str = "fused") -> FaithfulnessResult:
+                 attn_impl: str = "fused", deletion_steps: int = 20, deletion_queries: str = "answer",
+                 seed: int = 0) -> FaithfulnessResult:
     """Pointing game and energy in box of every layer's LLaVA-CAM, for each method, over `samples`
     (`BoxSample`s). The target of a sample's maps is its answer (teacher-forced), or the model's greedy
-    answer where none is given. Returns per-layer means and per-sample values."""
+    answer where none is given. Returns per-layer means and per-sample values.
+
+    With deletion_steps > 0 (LLaVA's patch grid, whose cells are the image tokens in order), also the
+    deletion curves (`jaxflow.analysis.deletion`): each layer's map of each method ranks the image
+    tokens, which are knocked out in `deletion_steps` steps for `deletion_queries` ("answer": the
+    answer-predicting positions; "text": every position after the image), against a random order
+    (seeded); the answer's probability relative to its own, averaged over samples, and the area under
+    it per method and layer (small = the map's top tokens carry the answer)."""
     from jaxflow.analysis.cam import llava_cams
     from jaxflow.data.image import box_to_model_frame, load_image
     from jaxflow.pipeline import answer, encode
@@ -174,6 +201,10 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
     energies = {m: [] for m in methods}
     zeros = {m: [] for m in methods}
     chance, answers, areas = [], [], []
+    do_deletion = deletion_steps > 0 and llava
+    curves = {f"{m}/{l}": [] for m in methods for l in range(L)}
+    curves["random"] = []
+    rng_seed = int(seed)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -213,6 +244,19 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
                 energies[m].append(energy_in_box(mm, c[None])[0])
                 zeros[m].append(~(res.raw[m][j, :, :gh, :gw] > 0).reshape(L, -1).any(-1))
             answers.append(a if isinstance(a, str) else bundle.tokenizer.decode(a, skip_special_tokens=True))
+        if do_deletion:
+            from jaxflow.analysis.deletion import deletion_curves, map_rankings, random_rankings
+
+            nb = len(chunk)
+            n_tok = int(res.maps[methods[0]].shape[-2] * res.maps[methods[0]].shape[-1])
+            rankings = {f"{m}/{l}": map_rankings(res.maps[m][:nb, l].reshape(nb, -1)) for m in methods for l in range(L)}
+            rankings["random"] = random_rankings(nb, n_tok, seed=rng_seed + i)
+            dc = deletion_curves(bundle.model, batch.input_ids, enc.pixel_values, batch.attention_mask,
+                                 batch.answer_mask, rankings, steps=deletion_steps, queries=deletion_queries,
+                                 attn_impl=attn_impl, **enc.image_kw)
+            rel = dc.probs / np.maximum(dc.base[None, None], 1e-30)  # (R, S + 1, B)
+            for r, name in enumerate(dc.names):
+                curves[name].extend(rel[r].T)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -223,7 +267,23 @@ def faithfulness(bundle, samples, methods=("paper", "gradcam", "gradxact"), *, b
         methods=methods, num_layers=L, n=len(samples),
         pointing={m: hits[m].mean(0) for m in methods}, energy={m: energies[m].mean(0) for m in methods},
         hits=hits, energies=energies, chance_pointing=float(np.mean(chance)),
-        chance_energy=float(np.mean(areas)), answers=answers, zero_maps={m: np.stack(zeros[m]) for m in methods})
+        chance_energy=float(np.mean(areas)), answers=answers, zero_maps={m: np.stack(zeros[m]) for m in methods},
+        deletion=_deletion_summary(curves, methods, L, deletion_steps, deletion_queries) if do_deletion else None)
+
+
+def _deletion_summary(curves, methods, L, steps, queries) -> dict:
+    """Mean relative curves and areas: {"fractions" (S+1,), "curves": method -> (L, S+1), "auc": method ->
+    (L,), "curve_random" (S+1,), "auc_random", "queries"}."""
+    f = np.arange(steps + 1) / steps
+
+    def area(c):
+        return float(((c[1:] + c[:-1]) * 0.5 * np.diff(f)).sum())
+
+    mean = {k: np.mean(np.stack(v), 0) for k, v in curves.items()}
+    per = {m: np.stack([mean[f"{m}/{l}"] for l in range(L)]) for m in methods}
+    # the area of each sample's curve, averaged (= the area of the mean curve: the area is linear)
+    return {"fractions": f, "curves": per, "auc": {m: np.array([area(c) for c in per[m]]) for m in methods},
+            "curve_random": mean["random"], "auc_random": area(mean["random"]), "queries": queries}
 
 
 def plot_faithfulness(result: FaithfulnessResult, path: str, title: str | None = None) -> str:
@@ -247,6 +307,38 @@ def plot_faithfulness(result: FaithfulnessResult, path: str, title: str | None =
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title or f"LLaVA-CAM faithfulness ({result.n} samples)")
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_deletion(result: FaithfulnessResult, path: str, title: str | None = None) -> str:
+    """deletion.png: the answer's probability (relative to its own) against the share of image tokens
+    knocked out, for each method's map at its best layer (smallest area) and a random order; and the
+    area per layer. Writes a PNG atomically; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = result.deletion
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for m in result.methods:
+        best = result.deletion_best_layer(m)
+        axes[0].plot(d["fractions"], d["curves"][m][best], marker="o", ms=3, label=f"{m}, layer {best}")
+        axes[1].plot(np.arange(result.num_layers), d["auc"][m], marker="o", label=m)
+    axes[0].plot(d["fractions"], d["curve_random"], ls="--", c="grey", label="random order")
+    axes[1].axhline(d["auc_random"], ls="--", c="grey", label="random order")
+    axes[0].set_xlabel("share of image tokens knocked out (top of the map first)")
+    axes[0].set_ylabel("P(answer) / P(answer) without knockout")
+    axes[1].set_xlabel("decoder layer of the map")
+    axes[1].set_ylabel("area under the deletion curve")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"deletion curves ({result.n} samples, queries: {d['queries']})")
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -299,7 +391,8 @@ def read_box_samples(path: str, image_dir: str | None = None) -> list[BoxSample]
 def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, seed: int = 0,
                      methods=("paper", "gradcam", "gradxact"), boxes: str | None = None, image_dir: str | None = None,
                      batch_size: int = 16, pad_square: bool = False, template: str | None = None,
-                     progress: bool = True, overwrite: bool = False) -> tuple[FaithfulnessResult, list[str]]:
+                     progress: bool = True, overwrite: bool = False, deletion_steps: int = 20,
+                     deletion_queries: str = "answer") -> tuple[FaithfulnessResult, list[str]]:
     """What scripts/faithfulness.py does: the samples (`n` held-out toy samples, or the `boxes` file),
     `faithfulness`, then summary.json, per_sample.npz, faithfulness.png and report.html
     (`write_faithfulness_report`) written atomically into `out`. Raises ValueError on bad input (before anything is written)."""
@@ -315,6 +408,10 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
     final = check_out_dir(out, overwrite=overwrite)
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if deletion_steps < 0:
+        raise ValueError(f"--deletion_steps must be >= 0 (0: no deletion curves), got {deletion_steps}")
+    if deletion_queries not in ("answer", "text"):
+        raise ValueError(f"--deletion_queries must be answer or text, got {deletion_queries!r}")
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -332,10 +429,13 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
     except (CheckpointError, OSError) as e:
         raise ValueError(str(e)) from e
     result = faithfulness(bundle, samples, methods, batch_size=batch_size, pad_square=pad_square,
-                          progress=progress)
+                          progress=progress, deletion_steps=deletion_steps, deletion_queries=deletion_queries,
+                          seed=seed)
     settings = {"samples": source, "n": result.n, "methods": list(methods), "batch_size": batch_size,
                 "template": bundle.template, "pad_square": pad_square,
-                "image_dir": image_dir if boxes is not None else None, "out": final, "overwrite": overwrite}
+                "image_dir": image_dir if boxes is not None else None, "out": final, "overwrite": overwrite,
+                "deletion_steps": deletion_steps if result.deletion is not None else "off",
+                "deletion_queries": deletion_queries}
     tmp = staging_dir(final)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; it becomes `out`
@@ -346,20 +446,26 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
                  **{f"{m}_hits": result.hits[m] for m in methods}, **{f"{m}_energy": result.energies[m] for m in methods})
         plot_faithfulness(result, os.path.join(tmp, "faithfulness.png"),
                           title=f"{bundle.name}: LLaVA-CAM faithfulness ({result.n} samples)")
+        files = ["summary.json", "per_sample.npz", "faithfulness.png", "report.html"]
+        deletion_png = None
+        if result.deletion is not None:
+            deletion_png = plot_deletion(result, os.path.join(tmp, "deletion.png"),
+                                         title=f"{bundle.name}: deletion curves ({result.n} samples, queries: "
+                                               f"{deletion_queries})")
+            files.insert(3, "deletion.png")
         write_faithfulness_report(os.path.join(tmp, "report.html"), result, bundle, samples, settings,
                                   figure=os.path.join(tmp, "faithfulness.png"), checkpoint=checkpoint,
-                                  pad_square=pad_square)
+                                  pad_square=pad_square, deletion_figure=deletion_png)
         publish(tmp, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return result, [os.path.join(final, f) for f in ("summary.json", "per_sample.npz", "faithfulness.png",
-                                                     "report.html")]
+    return result, [os.path.join(final, f) for f in files]
 
 
 def write_faithfulness_report(path: str, result: FaithfulnessResult, bundle, samples, settings: dict, *,
                               figure: str | None = None, checkpoint=None, pad_square: bool = False,
-                              max_samples_shown: int = 20) -> str:
+                              max_samples_shown: int = 20, deletion_figure: str | None = None) -> str:
     """report.html of a faithfulness run: the model, the settings, the best layer of each method, the
     per-layer pointing-game / energy-in-box table with the chance levels, the figure, an example
     prompt as tokenised (the first sample's, with its answer), the words of the questions and given
@@ -386,6 +492,19 @@ def write_faithfulness_report(path: str, result: FaithfulnessResult, bundle, sam
                        H.para("pointing: share of samples whose map's maximum lies in the box; energy in box: the "
                               "map's mass inside the box. An all-zero map scores 0 in both.")),
              H.figure(figure, "faithfulness.png: pointing and energy per layer, chance dashed") if figure else None]
+    if result.deletion is not None:
+        d = result.deletion
+        header_d = ["layer"] + [f"{m} area" for m in methods]
+        rows_d = [[layer] + [float(d["auc"][m][layer]) for m in methods] for layer in range(result.num_layers)]
+        rows_d.append(["random order"] + [float(d["auc_random"])] * len(methods))
+        parts.append(H.section(
+            "Deletion curves", H.table(header_d, rows_d, highlight=(len(rows_d) - 1,)),
+            H.para(f"Each layer's map ranks the image tokens; they are knocked out of attention, top first, in "
+                   f"{len(d['fractions']) - 1} steps for the {'answer-predicting positions' if d['queries'] == 'answer' else 'positions after the image'}"
+                   ", and the answer's probability (relative to its own) is followed. The area under that curve is "
+                   "small when the map's top tokens carry the answer; a random order is the baseline."),
+            H.figure(deletion_figure, "deletion.png: curves at each method's best layer, areas per layer")
+            if deletion_figure else None))
     notes = result.zero_notes()
     if notes:
         parts.insert(3, H.section("All-zero maps", *[H.note(n) for n in notes]))
