@@ -10,6 +10,7 @@ from jaxflow.analysis import (AttentionResult, CamResult, FlowResult, attention_
                               information_flow, llava_cam, llava_cam_per_token, llava_cams, saliency)
 from jaxflow.analysis.knockout import KnockoutSweep, knockout, knockout_sweep
 from jaxflow.analysis.logit_lens import LogitLensResult, logit_lens
+from jaxflow.analysis.probes import ProbeResult, probe_features, train_probes
 from jaxflow.analysis.truncation import (SweepOutput, TruncationGenerateOutput, truncation_generate,
                                          truncation_sweep)
 from jaxflow.convert import convert_checkpoint, from_state_dict, load, load_tokenizer, save_model
@@ -32,4 +33,5 @@ __all__ = [
     "llava_cam", "llava_cams", "llava_cam_per_token", "cam_site", "CamResult", "attention_shares",
     "attention_analysis", "AttentionResult", "information_flow", "saliency", "FlowResult",
     "knockout", "knockout_sweep", "KnockoutSweep", "logit_lens", "LogitLensResult",
+    "probe_features", "train_probes", "ProbeResult",
 ]

@@ -125,6 +125,23 @@ def load_bundle(checkpoint: str | None = None, *, template: str | None = None, d
     return _load_dir(checkpoint, checkpoint_name(checkpoint), template, dtype)
 
 
+def bundle_for(checkpoint: str | None, bundle: Bundle | None = None, *, template: str | None = None,
+               progress=None) -> Bundle:
+    """The bundle an entry point runs on: `bundle` if the caller already loaded one (with `template`
+    applied when given), else `load_bundle(checkpoint, template=template)`, reporting the load through
+    `progress`. A checkpoint that cannot be loaded raises ValueError (one line)."""
+    from jaxflow.convert import CheckpointError
+
+    if bundle is not None:
+        return bundle if template is None or template == bundle.template else dataclasses.replace(bundle, template=template)
+    if progress:
+        progress(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
+    try:
+        return load_bundle(checkpoint, template=template)
+    except (CheckpointError, OSError) as e:
+        raise ValueError(str(e)) from e
+
+
 def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> Bundle:
     from jaxflow.convert.checkpoint import CheckpointError, corrupt_json
 

@@ -5,3 +5,5 @@ from jaxflow.analysis.cam import CamResult, cam_site, llava_cam, llava_cam_per_t
 from jaxflow.analysis.flow import FlowResult, information_flow, saliency
 from jaxflow.analysis.logit_lens import (LensReport, LogitLensResult, last_positions, lens_report, logit_lens,
                                          run_logit_lens)
+from jaxflow.analysis.probes import (ProbeError, ProbeFeatures, ProbeResult, ProbeTarget, probe_features, run_probes,
+                                     train_probes)

@@ -42,9 +42,8 @@ def run_knockout_report(checkpoint, image, question, *, out, window=None, templa
     Image->Last, Question->Last) and every window of `window` layers; writes knockout.json,
     knockout.npz, knockout.png and report.html into `out` (`jaxflow.outputs` policy). Returns
     (KnockoutSweep, [paths written]). Raises ValueError (one line) on bad input."""
-    from jaxflow.convert import CheckpointError
     from jaxflow.outputs import check_out_dir, publish, staging_dir
-    from jaxflow.pipeline import check_pad_square, encode, load_bundle, write_json
+    from jaxflow.pipeline import bundle_for, check_pad_square, encode, write_json
     from jaxflow.viz import html_report as H
 
     t_start = time.time()
@@ -60,12 +59,7 @@ def run_knockout_report(checkpoint, image, question, *, out, window=None, templa
     if not os.path.isfile(image):
         raise ValueError(f"image not found: {image}")
     final = check_out_dir(out, overwrite=overwrite)
-    if bundle is None:
-        say(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
-        try:
-            bundle = load_bundle(checkpoint, template=template)
-        except (CheckpointError, OSError) as e:
-            raise ValueError(str(e)) from e
+    bundle = bundle_for(checkpoint, bundle, template=template, progress=say)
     check_pad_square(bundle, pad_square, ValueError)
     L = bundle.config.text.num_layers
     if window is not None and not 1 <= int(window) <= L:

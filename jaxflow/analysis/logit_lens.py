@@ -308,9 +308,8 @@ def run_logit_lens(checkpoint, image, question: str, *, out: str, answer: str | 
     Returns (LensReport, summary dict, [paths written])."""
     import shutil
 
-    from jaxflow.convert import CheckpointError
     from jaxflow.outputs import check_out_dir, publish, staging_dir
-    from jaxflow.pipeline import check_pad_square, load_bundle, write_json
+    from jaxflow.pipeline import bundle_for, check_pad_square, write_json
     from jaxflow.viz.logit_lens import answer_lens_figure, image_tokens_figure
     from jaxflow.viz.figures import save
     from jaxflow.viz.report import map_image
@@ -338,14 +337,7 @@ def run_logit_lens(checkpoint, image, question: str, *, out: str, answer: str | 
     if layers is not None and not layers:
         raise ValueError("--layers is empty: name lens layers, or leave it out for four evenly spaced ones")
     final = check_out_dir(out, overwrite=overwrite)
-    if bundle is None:
-        say(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
-        try:
-            bundle = load_bundle(checkpoint, template=template)
-        except (CheckpointError, OSError) as e:
-            raise ValueError(str(e)) from e
-    elif template is not None and template != bundle.template:
-        bundle = dataclasses.replace(bundle, template=template)
+    bundle = bundle_for(checkpoint, bundle, template=template, progress=say)
     check_pad_square(bundle, pad_square)
     L = bundle.config.text.num_layers
     if layers is not None and (layers[0] < 0 or layers[-1] > L):

@@ -129,9 +129,8 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
     import os
     import shutil
 
-    from jaxflow.convert import CheckpointError
     from jaxflow.outputs import check_out_dir, publish, staging_dir
-    from jaxflow.pipeline import load_bundle, write_json
+    from jaxflow.pipeline import bundle_for, write_json
     from jaxflow.viz import html_report as H
     from jaxflow.viz.report import Item, as_items
     from jaxflow.viz.truncation import plot_sweep_report
@@ -160,16 +159,7 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
         layers = None if layers is None else [int(k) for k in layers]
     except ValueError as e:
         raise ValueError(f"--layers must be integers: {e}") from e
-    if bundle is None:
-        say(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
-        try:
-            bundle = load_bundle(checkpoint, template=template)
-        except (CheckpointError, OSError) as e:
-            raise ValueError(str(e)) from e
-    elif template is not None and template != bundle.template:
-        import dataclasses
-
-        bundle = dataclasses.replace(bundle, template=template)
+    bundle = bundle_for(checkpoint, bundle, template=template, progress=say)
     L = bundle.config.text.num_layers
     if layers is not None and any(k < 0 or k > L for k in layers):  # before any computation
         raise ValueError(f"layers must be cut layers K in 0..{L} ({L} = untruncated), got {sorted(set(layers))}")

@@ -48,8 +48,7 @@ from jaxflow.analysis.cam import METHODS, llava_cams
 from jaxflow.analysis.flow import FLOWS, information_flow
 from jaxflow.pipeline import SCRIPT_LENGTH_BUCKET
 from jaxflow.pipeline import answer as greedy_answer
-from jaxflow.pipeline import (check_pad_square, encode, image_token_count, load_bundle, spans_summary,
-                              write_json)
+from jaxflow.pipeline import bundle_for, check_pad_square, encode, image_token_count, spans_summary, write_json
 
 QUERIES = ("predicting", "answer")
 
@@ -408,11 +407,7 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
             text = it.answer if it.answer is not None else answer
             if text is not None:
                 given[it.name] = (text, _answer_ids(tok, text, f"{it.source}: " if multi else ""))
-        if bundle is None:
-            step(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
-            bundle = load_bundle(checkpoint, template=template)
-        elif template is not None and template != bundle.template:
-            bundle = dataclasses.replace(bundle, template=template)
+        bundle = bundle_for(checkpoint, bundle, template=template, progress=step)
         template = bundle.template
         check_pad_square(bundle, pad_square, AnalyzeError)
     except AnalyzeError:
