@@ -1,6 +1,8 @@
 """Attention-knockout sweep cost on a bench config: `jaxflow.knockout_sweep` (3 paths x every window
 of `--window` layers, one program) as a multiple of one plain forward, against the loop of one
-`jaxflow.knockout` forward per (path, window) a peer would run, in one process, side by side.
+`jaxflow.knockout` forward per (path, window) a peer would run, in one process, side by side; and
+the same for a deletion curve (`deletion_curves`, `--steps` steps of one ranking, from the
+answer-predicting positions) against one knockout forward per step.
 
     python benchmarks/bench_knockout.py [--family llava --batch 1 --text_tokens 64 --window 9 --rounds 3]
 
@@ -29,6 +31,7 @@ def main():
     ap.add_argument("--window", type=int, default=9)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20, help="deletion-curve steps")
     common.add_config_args(ap)
     args = ap.parse_args()
     import numpy as np
@@ -75,10 +78,43 @@ def main():
     print(f"  sweep vs loop     {t_loop / sw:.1f}x faster; max |P difference| {err:.1e}")
     print(f"goal: >= 10x faster than the loop: {t_loop / sw:.1f}x ({'met' if t_loop / sw >= 10 else 'MISSED'}); "
           f"cost {sw / f:.2f} forwards (goal: a few)")
+    # deletion curve: the last 4 tokens are the "answer"; one random ranking of the image tokens
+    from jaxflow.analysis.deletion import deletion_curves, predicting_mask, random_rankings
+
+    amask = np.zeros(ids.shape, bool)
+    amask[:, -4:] = True
+    n_img = int((ids[0] == model.config.image_token_id).sum())
+    ranking = {"random": random_rankings(ids.shape[0], n_img, seed=0)}
+
+    def deletion():
+        return deletion_curves(model, ids, pix, mask, amask, ranking, steps=args.steps, **image_kw)
+
+    deletion()
+    td = []
+    for r in range(args.rounds):
+        for fn, acc in (((fwd, tf), (deletion, td)) if r % 2 == 0 else ((deletion, td), (fwd, tf))):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    f, dl = statistics.median(tf), statistics.median(td)
+    from jaxflow.analysis.knockout import knockout
+
+    q = predicting_mask(amask)
+    pos = [np.flatnonzero(ids[b] == model.config.image_token_id) for b in range(ids.shape[0])]
+    t0 = time.perf_counter()
+    for step in range(args.steps + 1):
+        keys = np.zeros(ids.shape, bool)
+        for b in range(ids.shape[0]):
+            keys[b, pos[b][ranking["random"][b][:int(round(step / args.steps * n_img))]]] = True
+        np.asarray(knockout(model, ids, pix, mask, q, keys, np.ones(L, bool), **image_kw).logits[:, -5:])
+    t_dloop = time.perf_counter() - t0
+    print(f"  deletion curve    {dl:8.3f} s = {dl / f:.2f} forwards ({args.steps} steps + the clean one)")
+    print(f"  loop of knockout  {t_dloop:8.3f} s = {t_dloop / f:.1f} forwards; curve {t_dloop / dl:.1f}x faster")
     os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"knockout-{cfg.name}.json"), "w") as fh:
         json.dump({"forward_s": f, "sweep_s": sw, "loop_s": t_loop, "variants": n_var, "window": args.window,
                    "forward_rounds": tf, "sweep_rounds": ts, "max_abs_prob_diff": err,
+                   "deletion_s": dl, "deletion_loop_s": t_dloop, "deletion_steps": args.steps,
                    "load_average": os.getloadavg()}, fh, indent=1)
 
 

@@ -3,12 +3,6 @@ import os
 
 import pytest
 
-# Tiny models: compiling dominates, so the suite (and the scripts it starts, which inherit the
-# environment) compile at XLA's backend optimisation level 0, as the scripts' --fast_compile=auto does
-# for small checkpoints. Set before jax creates its backend; a level already in XLA_FLAGS wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-
 
 @pytest.fixture(scope="session")
 def converted_pair(tmp_path_factory):

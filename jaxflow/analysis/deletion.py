@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.analysis.knockout import _clean_jit, _bool
+from jaxflow.analysis.knockout import ROW_BUCKET, _bool, _clean_jit
 from jaxflow.forward import _check_impl, validate_inputs
 
 
@@ -126,7 +126,7 @@ def deletion_curves(model, input_ids, pixel_values, attention_mask, answer_mask,
     for r in range(b):
         rows[r, :len(pred_rows[r])] = pred_rows[r]
         toks[r, :len(pred_rows[r])] = ids[r, pred_rows[r] + 1]
-    t0 = int(min(np.flatnonzero(q_mask.any(0))[0], min(p[0] for p in pred_rows)))
+    t0 = int(min(np.flatnonzero(q_mask.any(0))[0], min(p[0] for p in pred_rows))) // ROW_BUCKET * ROW_BUCKET
     images = model.image_inputs(ids, mask, pixel_values, **image_kw)
     last = rows.max(1)
     x, cos, sin, allowed, cache, _, _ = _clean_jit(model, jnp.asarray(ids), images, jnp.asarray(mask),
