@@ -181,3 +181,30 @@ def test_knockout_script(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == \
         "error: --window must be in 1..4 (the model has 4 decoder layers), got 9"
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_5_vl"])
+def test_other_families_knockout_is_truncation_and_the_sweep_its_loop(family, tiny_qwen_vl_checkpoint,
+                                                                       tiny_qwen2_vl_checkpoints):
+    """Qwen-VL (only golden files from its official code exist, no knockout in them) and Qwen2.5-VL (the
+    Qwen2-VL decoder compared with transformers above): cutting image keys for every query from K on
+    equals truncation at K, and the sweep equals its loop of knockout forwards."""
+    from jaxflow.pipeline import encode, load_bundle
+
+    ckpt = tiny_qwen_vl_checkpoint if family == "qwen_vl" else tiny_qwen2_vl_checkpoints["qwen2_5_vl"]
+    bundle = load_bundle(ckpt)
+    assert bundle.family == family
+    image = jaxflow.__path__[0] + "/assets/demo.png"
+    batch, enc = encode(bundle, [image], ["Is there a red circle in the image?"], with_images=True)
+    ids, mask, pix, kw = batch.input_ids, batch.attention_mask, enc.pixel_values, enc.image_kw
+    L = bundle.config.text.num_layers
+    image_keys = ids == bundle.config.image_token_id
+    K = L // 2
+    got = np.asarray(knockout(bundle.model, ids, pix, mask, np.ones(ids.shape, bool), image_keys, np.arange(L) >= K,
+                              **kw).logits)
+    want = np.asarray(jaxflow.forward(bundle.model, ids, pix, mask, truncate_at=K, **kw).logits)
+    assert np.abs(got - want)[mask > 0].max() <= 1e-5
+    paths = standard_paths(token_groups(ids, mask, bundle.config.image_token_id))
+    sw = knockout_sweep(bundle.model, ids, pix, mask, paths, window=1, **kw)
+    loop = knockout_sweep_loop(bundle.model, ids, pix, mask, paths, window=1, **kw)
+    np.testing.assert_allclose(sw.probs, loop, rtol=1e-4, atol=1e-6)
