@@ -30,8 +30,8 @@ def model_view(pixels: np.ndarray, spec) -> Image.Image:
 def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=16, pad_square=False,
              analyses=True, progress=print, overwrite=False):
     """Greedy answer + S/T/U/A spans (summary.json, model_input.png in `out`); with `analyses`, also
-    every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`) and the truncation sweep
-    (`out/truncation`). `out` follows `jaxflow.outputs`: a folder holding files jaxflow did not write
+    every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`), the truncation sweep
+    (`out/truncation`), attention knockout (`out/knockout`) and the logit lens (`out/logit_lens`). `out` follows `jaxflow.outputs`: a folder holding files jaxflow did not write
     is refused unless `overwrite`, and even then only jaxflow's own outputs are replaced."""
     from jaxflow.outputs import check_out_dir
     from jaxflow.convert import CheckpointError
@@ -113,8 +113,25 @@ def _write_demo(out, final, bundle, image, question, template, text, ids, batch,
             report, _ = run_sweep_report(checkpoint, image, question, out=os.path.join(out, "truncation"),
                                          template=template, max_new_tokens=max_new_tokens, pad_square=pad_square,
                                          bundle=bundle)
+            from jaxflow.analysis.knockout_report import run_knockout_report
+            from jaxflow.analysis.logit_lens import run_logit_lens
+
+            if progress:
+                progress("attention knockout: Image->Question, Image->Last, Question->Last in every window of layers")
+            ko, _ = run_knockout_report(checkpoint, image, question, out=os.path.join(out, "knockout"),
+                                        template=template, pad_square=pad_square, bundle=bundle)
+            if progress:
+                progress("logit lens: what every layer's residual already predicts")
+            lens, _, _ = run_logit_lens(checkpoint, image, question, out=os.path.join(out, "logit_lens"),
+                                        template=template, pad_square=pad_square, bundle=bundle,
+                                        max_new_tokens=max_new_tokens)
         except (AnalyzeError, ValueError) as e:
             raise DemoError(str(e)) from e
+        result["knockout"] = {"out": os.path.join(result["out"], "knockout"), "window": ko.window,
+                              "window_starts": ko.starts.tolist(),
+                              "change_percent": {n: ko.change[i, :, 0].round(2).tolist()
+                                                 for i, n in enumerate(ko.paths)}}
+        result["logit_lens"] = {"out": os.path.join(result["out"], "logit_lens")}
         result["analysis"] = os.path.join(result["out"], "analysis")
         result["truncation"] = {"out": os.path.join(result["out"], "truncation"), "cliff_layer": report.cliff,
                                 "answers": dict(zip(map(int, report.layers), report.answers))}

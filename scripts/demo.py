@@ -1,6 +1,6 @@
 """Runs a vision-language model (any supported family) on one image and question: greedy answer, token-group
 spans, and (unless --noanalyses) every instrument: LLaVA-CAM per layer, attention shares, information flow,
-truncation sweep. Overlays are drawn on the original image; model_input.png shows what the model sees
+truncation sweep, attention knockout, logit lens. Overlays are drawn on the original image; model_input.png shows what the model sees
 (LLaVA, Qwen-VL: the preprocessed image; InternVL: its tiles and thumbnail; Qwen2-VL: its patches).
 
 With no flags it uses the embedded toy model (jaxflow/assets/toy_llava, trained on synthetic shapes)
@@ -25,8 +25,10 @@ flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: 
 flags.DEFINE_integer("max_new_tokens", 16, "greedy decoding length limit")
 flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square with the mean colour "
                   "(original LLaVA eval)")
-flags.DEFINE_bool("analyses", True, "also run LLaVA-CAM, attention shares, flows and the truncation sweep")
-flags.DEFINE_string("out", "outputs/demo", "output folder: summary.json, model_input.png, analysis/, truncation/")
+flags.DEFINE_bool("analyses", True, "also run LLaVA-CAM, attention shares, flows, the truncation sweep, attention "
+                  "knockout and the logit lens")
+flags.DEFINE_string("out", "outputs/demo", "output folder: summary.json, model_input.png, analysis/, truncation/, "
+                    "knockout/, logit_lens/")
 flags.DEFINE_bool("overwrite", False, "write into an --out that holds files jaxflow did not write "
                   "(they are kept: only jaxflow's own outputs are replaced)")
 FLAGS = flags.FLAGS
@@ -58,7 +60,14 @@ def main(argv):
         print(f"truncation: cliff layer {result['truncation']['cliff_layer']}; answers by cut layer K:")
         for k, a in result["truncation"]["answers"].items():
             print(f"  K={k:<3d} {a!r}")
-        print(f"figures: {result['analysis']}/*.png, {result['truncation']['out']}/sweep.png")
+        if "knockout" in result:
+            k = result["knockout"]
+            print(f"knockout: change (%) of P(answer) with the path cut in windows of {k['window']} layer(s) "
+                  f"starting at {k['window_starts']}:")
+            for name, ch in k["change_percent"].items():
+                print(f"  {name:16s} " + " ".join(f"{c:7.1f}" for c in ch))
+        print(f"figures: {result['analysis']}/*.png, {result['truncation']['out']}/sweep.png, "
+              f"{result['knockout']['out']}/knockout.png, {result['logit_lens']['out']}/*.png")
     print(f"wrote {os.path.join(result['out'], 'summary.json')} and model_input.png")
 
 

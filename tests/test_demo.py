@@ -72,6 +72,14 @@ def test_demo_script_default(tmp_path):
     trunc = json.loads((out / "truncation" / "answers.json").read_text())
     assert trunc["layers"] == [0, 1, 2, 3, 4] and trunc["answers"][-1] == summary["answer"]
     assert summary["truncation"]["cliff_layer"] == trunc["cliff_layer"]
+    # the instruments beyond the paper: knockout per path and window, the logit lens
+    ko = json.loads((out / "knockout" / "knockout.json").read_text())
+    assert summary["knockout"]["change_percent"]["image->question"] == \
+        [round(v, 2) for v in ko["change_percent"]["image->question"]]
+    assert (out / "knockout" / "knockout.png").stat().st_size > 1000
+    lens = json.loads((out / "logit_lens" / "summary.json").read_text())
+    assert (out / "logit_lens" / "answer_lens.png").stat().st_size > 1000 and lens
+    assert "knockout:" in res.stdout
 
 
 def test_demo_script_bad_inputs(tmp_path):
