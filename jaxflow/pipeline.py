@@ -256,9 +256,9 @@ SCRIPT_LENGTH_BUCKET = 32
 
 
 def length_bucket_for(bundle: Bundle, length_bucket: int | None) -> int | None:
-    """The bucket to use for a bundle's family: None where left padding changes the results (Qwen-VL
-    puts RoPE at the padded index and takes its NTK factor from the padded length)."""
-    return None if bundle.family == "qwen_vl" else length_bucket
+    """The bucket to use for a bundle's model: None where left padding changes the results (a model
+    whose `left_padding_invariant` is False: Qwen-VL)."""
+    return length_bucket if getattr(bundle.model, "left_padding_invariant", True) else None
 
 
 def pad_to_bucket(batch: EncodedBatch, length_bucket: int, pad_id: int) -> EncodedBatch:

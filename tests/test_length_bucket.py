@@ -29,5 +29,8 @@ def test_bucketed_prompts_compute_what_unpadded_ones_do():
 
 def test_no_bucket_where_padding_changes_results():
     # Qwen-VL: RoPE at the padded index and the NTK factor from the padded length
-    assert length_bucket_for(SimpleNamespace(family="qwen_vl"), 32) is None
-    assert length_bucket_for(SimpleNamespace(family="llava"), 32) == 32
+    from jaxflow.models.llava import Llava
+    from jaxflow.models.qwen_vl import QwenVL
+
+    assert length_bucket_for(SimpleNamespace(model=QwenVL.__new__(QwenVL)), 32) is None
+    assert length_bucket_for(SimpleNamespace(model=Llava.__new__(Llava)), 32) == 32

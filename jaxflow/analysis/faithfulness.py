@@ -339,10 +339,10 @@ def plot_deletion(result: FaithfulnessResult, path: str, title: str | None = Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or f"deletion curves ({result.n} samples, queries: {d['queries']})")
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    from jaxflow.viz.figures import save
+
+    save(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

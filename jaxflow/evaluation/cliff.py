@@ -128,11 +128,12 @@ def summary_csv(summary: dict) -> str:
     return buf.getvalue()
 
 
-def write_summary(out: str, summary: dict) -> tuple[str, str]:
-    """summary.json and summary.csv in out (each written atomically); returns their paths."""
-    from jaxflow.evaluation.records import SUMMARY_CSV, SUMMARY_JSON, write_json_atomic
+def write_summary(out: str, summary: dict, stem: str = "summary") -> tuple[str, str]:
+    """{stem}.json and {stem}.csv in out (default summary.json, summary.csv; each written atomically);
+    returns their paths."""
+    from jaxflow.evaluation.records import write_json_atomic
 
-    jpath, cpath = os.path.join(out, SUMMARY_JSON), os.path.join(out, SUMMARY_CSV)
+    jpath, cpath = os.path.join(out, f"{stem}.json"), os.path.join(out, f"{stem}.csv")
     write_json_atomic(jpath, summary)
     tmp = f"{cpath}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

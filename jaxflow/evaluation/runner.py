@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jaxflow.data.datasets.questions import template_question
-from jaxflow.evaluation.cliff import REPORT_HTML, build_summary, plot_curve, summary_csv, write_report, write_summary
+from jaxflow.evaluation.cliff import REPORT_HTML, build_summary, load_summary, plot_curve, write_report, write_summary
 from jaxflow.evaluation.records import (CURVE_PNG, PREDICTIONS, EvaluationError, PredictionLog, RunLock,
                                         open_run_dir, precheck_run_dir, unique_records)
 
@@ -515,7 +515,7 @@ def rescore_run(out: str, protocol: str, *, data_dir: str | None = None, image_d
     summary (atomically; nothing else is written). epsilon: the cliff tolerance (default: the run's
     summary's). Returns that summary (with "protocol")."""
     from jaxflow.data.datasets import DatasetError
-    from jaxflow.evaluation.records import RUN_JSON, _read_run_json, read_records, write_json_atomic
+    from jaxflow.evaluation.records import RUN_JSON, SUMMARY_JSON, _read_run_json, read_records
     from jaxflow.metrics import PRIMARY_METRIC
 
     _check_protocol(protocol)
@@ -554,24 +554,14 @@ def rescore_run(out: str, protocol: str, *, data_dir: str | None = None, image_d
         raise EvaluationError(f"{out} has no item with a prediction for every cut layer: finish the run first")
     metrics = score_run(dataset, records, scored, layers, protocol)
     L = int(params["num_layers"])
-    if epsilon is None:
-        own = os.path.join(out, "summary.json")
-        epsilon = 0.01
-        if os.path.isfile(own):
-            with open(own, encoding="utf-8") as f:
-                epsilon = float(json.load(f).get("epsilon", epsilon))
+    if epsilon is None:  # the run's own tolerance, where its summary exists
+        own = os.path.join(out, SUMMARY_JSON)
+        epsilon = load_summary(own).get("epsilon", 0.01) if os.path.isfile(own) else 0.01
     summary = build_summary(dataset=dataset, model=params["model"], num_layers=L, layers=layers,
                             metrics_per_layer=metrics, primary_metric=PRIMARY_METRIC[dataset],
-                            epsilon=float(epsilon),
-                            n_items=len(scored), sweep=params["sweep"], params=params,
+                            epsilon=float(epsilon), n_items=len(scored), sweep=params["sweep"], params=params,
                             extra={"protocol": protocol, "rescored_from": os.path.abspath(out)})
-    jpath = os.path.join(out, f"summary.{protocol}.json")
-    write_json_atomic(jpath, summary)
-    cpath = os.path.join(out, f"summary.{protocol}.csv")
-    tmp = f"{cpath}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(summary_csv(summary))
-    os.replace(tmp, cpath)
+    write_summary(out, summary, stem=f"summary.{protocol}")
     return summary
 
 

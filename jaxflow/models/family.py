@@ -41,6 +41,9 @@ class VisionLanguageModel(Protocol):
     family: str
     config: Any
     language_model: Any
+    # Whether left padding leaves every real row's result unchanged (positions count real tokens).
+    # Optional: absent means True. Qwen-VL sets False (RoPE at the padded index, NTK from the padded length).
+    left_padding_invariant: bool
 
     def image_inputs(self, input_ids, attention_mask, pixel_values, **image_kw): ...
 

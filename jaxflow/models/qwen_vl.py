@@ -385,6 +385,7 @@ class QwenVL(DecoderVLM, nnx.Module):
     """Parameters of a Qwen-VL model; implements `jaxflow.models.family.VisionLanguageModel`."""
 
     family = "qwen_vl"
+    left_padding_invariant = False  # RoPE at the padded index, the NTK factor from the padded length
 
     def __init__(self, cfg: QwenVLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = cfg
