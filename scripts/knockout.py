@@ -3,7 +3,7 @@ Question->Last in every window of consecutive layers and watch the answer's prob
 
     python scripts/knockout.py                                # embedded toy model and bundled image
     python scripts/knockout.py --checkpoint checkpoints/llava-1.5-7b --image cat.jpg \
-        --question "Is there a cat in the image?" --window 9 --out outputs/knockout
+        --question "Is there a cat in the image?" --window 9 --region 40,60,300,420 --out outputs/knockout
 
 Writes knockout.json, knockout.npz, knockout.png (change of P(answer) against layer, one line per
 path) and report.html. All paths and windows run in one compiled program.
@@ -20,6 +20,8 @@ flags.DEFINE_string("image", None, "image file (default: the bundled demo image)
 flags.DEFINE_string("question", "Is there a red circle in the image?", "the question")
 flags.DEFINE_integer("window", None, "layers per knocked-out window (default: 9 of 32 layers, scaled to the model's "
                      "depth; 1 for the 4-layer toy)")
+flags.DEFINE_string("region", None, "x0,y0,x1,y1: a box in the image's own pixels (e.g. the asked object's); adds "
+                    "the path region->last (the last prompt position does not read the image tokens in the box)")
 flags.DEFINE_enum("template", None, list(TEMPLATES), "prompt template (default: the checkpoint's own)")
 flags.DEFINE_bool("pad_square", False, "LLaVA only: pad the image to a square with the mean colour")
 flags.DEFINE_string("out", "outputs/knockout", "output folder: knockout.json, knockout.npz, knockout.png, report.html")
@@ -37,7 +39,7 @@ def main(argv):
     try:
         sweep, files = run_knockout_report(FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question,
                                            out=FLAGS.out, window=FLAGS.window, template=FLAGS.template,
-                                           pad_square=FLAGS.pad_square, overwrite=FLAGS.overwrite,
+                                           pad_square=FLAGS.pad_square, overwrite=FLAGS.overwrite, region=FLAGS.region,
                                            progress=lambda msg: print(msg, flush=True))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

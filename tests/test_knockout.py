@@ -168,27 +168,52 @@ def test_knockout_script(tmp_path):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "ko"
-    res = subprocess.run([sys.executable, "scripts/knockout.py", f"--out={out}"], cwd=repo, capture_output=True,
-                         text=True)
+    res = subprocess.run([sys.executable, "scripts/knockout.py", f"--out={out}", "--region=0,0,56,56"], cwd=repo,
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(os.listdir(out)) == [".jaxflow-outputs.json", "knockout.json", "knockout.npz", "knockout.png",
                                        "report.html"]
     data = json.loads((out / "knockout.json").read_text())
-    assert data["paths"] == ["image->question", "image->last", "question->last"] and data["window"] == 1
+    assert data["paths"] == ["image->question", "image->last", "question->last", "region->last"]
+    assert data["window"] == 1 and data["region"] == [0, 0, 56, 56] and data["region_tokens"] == 16
     assert data["window_starts"] == [0, 1, 2, 3] and data["answer_token"] == "Yes"
     res = subprocess.run([sys.executable, "scripts/knockout.py", f"--out={tmp_path / 'bad'}", "--window=9"],
                          cwd=repo, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip() == \
         "error: --window must be in 1..4 (the model has 4 decoder layers), got 9"
     assert not (tmp_path / "bad").exists()
+    res = subprocess.run([sys.executable, "scripts/knockout.py", f"--out={tmp_path / 'bad'}", "--region=0,0,5"],
+                         cwd=repo, capture_output=True, text=True)
+    assert res.returncode == 2 and "--region must be x0,y0,x1,y1" in res.stderr and not (tmp_path / "bad").exists()
+
+
+def test_region_tokens_are_the_cells_whose_centre_lies_in_the_box():
+    """Hand-worked on the toy (112 px, 8 x 8 grid of 14-px cells, centres at 7, 21, ..., 105): the box
+    (0, 0, 56, 56) holds the centres of rows 0-3 x columns 0-3; (50, 0, 60, 10) holds no centre and
+    overlaps the cells of row 0, columns 3 and 4; a box off the image is refused."""
+    from jaxflow.analysis.knockout_report import region_tokens
+    from jaxflow.pipeline import encode, load_bundle
+
+    bundle = load_bundle(None)
+    batch, enc = encode(bundle, [jaxflow.__path__[0] + "/assets/demo.png"], ["Is there a red circle?"],
+                        with_images=True)
+    first = int(np.flatnonzero(batch.input_ids[0] == bundle.config.image_token_id)[0])
+    got = np.flatnonzero(region_tokens(bundle, batch, enc, (112, 112), (0, 0, 56, 56))[0])
+    np.testing.assert_array_equal(got, sorted(first + r * 8 + c for r in range(4) for c in range(4)))
+    got = np.flatnonzero(region_tokens(bundle, batch, enc, (112, 112), (50, 0, 60, 10))[0])
+    np.testing.assert_array_equal(got, [first + 3, first + 4])
+    with pytest.raises(ValueError, match="lies outside the image"):
+        region_tokens(bundle, batch, enc, (112, 112), (200, 200, 300, 300))
 
 
 @pytest.mark.parametrize("family", ["qwen_vl", "qwen2_5_vl"])
 def test_other_families_knockout_is_truncation_and_the_sweep_its_loop(family, tiny_qwen_vl_checkpoint,
                                                                        tiny_qwen2_vl_checkpoints):
-    """Qwen-VL (only golden files from its official code exist, no knockout in them) and Qwen2.5-VL (the
-    Qwen2-VL decoder compared with transformers above): cutting image keys for every query from K on
-    equals truncation at K, and the sweep equals its loop of knockout forwards."""
+    """Qwen-VL (compared with its official code in tests/test_qwen_vl.py) and Qwen2.5-VL (the Qwen2-VL
+    decoder compared with transformers above): cutting image keys for every query from K on equals
+    truncation at K, the sweep equals its loop of knockout forwards, and a box over the whole image
+    selects every image token."""
+    from jaxflow.analysis.knockout_report import region_tokens
     from jaxflow.pipeline import encode, load_bundle
 
     ckpt = tiny_qwen_vl_checkpoint if family == "qwen_vl" else tiny_qwen2_vl_checkpoints["qwen2_5_vl"]
@@ -208,3 +233,4 @@ def test_other_families_knockout_is_truncation_and_the_sweep_its_loop(family, ti
     sw = knockout_sweep(bundle.model, ids, pix, mask, paths, window=1, **kw)
     loop = knockout_sweep_loop(bundle.model, ids, pix, mask, paths, window=1, **kw)
     np.testing.assert_allclose(sw.probs, loop, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(region_tokens(bundle, batch, enc, (112, 112), (0, 0, 112, 112)), image_keys & (mask > 0))

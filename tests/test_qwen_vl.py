@@ -3,7 +3,7 @@
 converter, logits with and without dynamic NTK + logn attention, greedy generation (also across
 seq_length, where the official cache keeps the prompt's NTK alpha), image features at three image
 sizes (bicubic shrink, upsample, none), the truncation sweep against the official model with image keys
-masked, LLaVA-CAM against torch autograd and attention probabilities against `output_attentions`.
+masked, attention knockout against the official model with (query, key) pairs masked, LLaVA-CAM against torch autograd and attention probabilities against `output_attentions`.
 """
 from __future__ import annotations
 
@@ -142,6 +142,19 @@ def test_sweep_equals_official_model_with_image_keys_masked(model, g):
         for k in range(L + 1):
             assert np.abs(sweep.logits[k, b, slots] - g["trunc_logits"][k, b, :n]).max() <= TOL, (b, k)
     assert np.abs(g["trunc_logits"][0] - g["trunc_logits"][L]).max() > 1e-2
+
+
+def test_knockout_equals_official_model_with_query_key_pairs_masked(model, g):
+    """jaxflow.knockout against the official forward with finfo.min added to the additive mask at
+    every (query, key) pair in layer 0 (half the image keys and a text key, queries from </img> on)."""
+    ids, mask, pix = g["short_ids"], g["short_mask"], g["short_pixels"]
+    out = jaxflow.knockout(model, ids, pix, mask, g["ko_queries"] > 0, g["ko_keys"] > 0, g["ko_layers"] > 0)
+    logits = np.asarray(out.logits)
+    pos = g["trunc_pos"]
+    for b in range(2):
+        n = int((pos[b] >= 0).sum())
+        assert np.abs(logits[b, pos[b, :n]] - g["ko_logits"][b, :n]).max() <= TOL, b
+    assert np.abs(g["ko_logits"] - g["trunc_logits"][-1]).max() > 0.05  # the knockout changes the answer
 
 
 def test_cam_matches_torch_autograd(model, g):

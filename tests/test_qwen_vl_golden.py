@@ -53,6 +53,7 @@ def test_shapes_dtypes_finite(g):
         "feat": (2, 256, D), "feat448_pixels": (1, 3, 448, 448), "feat448": (1, 256, D),
         "feat224_pixels": (1, 3, 224, 224), "feat224": (1, 256, D),
         "trunc_pos": (2, PT), "trunc_logits": (L + 1, 2, PT, V),
+        "ko_queries": (2, T), "ko_keys": (2, T), "ko_layers": (L,), "ko_logits": (2, PT, V),
         "cam_answer_mask": (2, T), "cam_paper": (2, L, 256), "cam_gradcam": (2, L, 256),
         "cam_gradxact": (2, L, 256), "cam_grad_sum": (2, L, D),
         "attn_last": (L, 2, H, T), "meta": (),

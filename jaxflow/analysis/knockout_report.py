@@ -36,10 +36,56 @@ def plot_knockout(sweep: KnockoutSweep, path: str, *, title: str = "", row: int 
     return path
 
 
+def parse_region(text: str) -> tuple[float, float, float, float]:
+    """"x0,y0,x1,y1" (the image's own pixels) -> a box; ValueError (one line) when malformed."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        box = tuple(float(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
+        raise ValueError(f"--region must be x0,y0,x1,y1 in the image's pixels with x0 < x1 and y0 < y1, got {text!r}")
+    return box
+
+
+def region_tokens(bundle, batch, enc, image_wh: tuple[int, int], box, *, pad_square: bool = False) -> np.ndarray:
+    """(B, T) bool: the image tokens whose cell centre lies inside `box` (x0, y0, x1, y1 in the
+    original image's pixels; one image per row, the same box for every row). Where no cell centre
+    falls in a small box, the cells it overlaps. LLaVA: the box is carried into the cropped model
+    frame; the other families' grids cover the whole image (tiles stitched back), so it is scaled.
+    ValueError when the box misses the image the model sees."""
+    from jaxflow.analysis._common import prepare
+    from jaxflow.analysis.faithfulness import box_cells, image_box_cells
+    from jaxflow.data.image import box_to_model_frame
+
+    p = prepare(bundle.model, batch.input_ids, enc.pixel_values, batch.attention_mask, **enc.image_kw)
+    lay = p.layout
+    region = np.zeros(np.asarray(batch.input_ids).shape, bool)
+    for i in range(lay.positions.shape[0]):
+        gh, gw = (int(x) for x in lay.grids[i])
+        if bundle.family == "llava":
+            mbox = box_to_model_frame(box, image_wh, bundle.image_spec, pad_square=pad_square)
+            cover, centre = box_cells(mbox, bundle.image_spec.output_hw, (gh, gw))
+        else:
+            cover, centre = image_box_cells(box, image_wh, (gh, gw))
+        inside = centre if centre.any() else cover > 0
+        if not inside.any():
+            raise ValueError(f"--region {tuple(box)} lies outside the image the model sees "
+                             f"({image_wh[0]}x{image_wh[1]} px, after cropping): give a box inside it")
+        cells = lay.cells[i]  # (N,) flat cell on the batch grid (r * GW + c), -1 = not spatial
+        _, GW = lay.grid_hw
+        ok = lay.valid[i] & (cells >= 0)
+        r, c = np.where(ok, cells // GW, 0), np.where(ok, cells % GW, 0)
+        hit = ok & (r < gh) & (c < gw) & inside[np.minimum(r, gh - 1), np.minimum(c, gw - 1)]
+        region[lay.rows[i], lay.positions[i][hit]] = True
+    return region
+
+
 def run_knockout_report(checkpoint, image, question, *, out, window=None, template=None, pad_square=False,
-                        overwrite=False, progress=None, bundle=None) -> tuple[KnockoutSweep, list[str]]:
+                        overwrite=False, progress=None, bundle=None, region=None) -> tuple[KnockoutSweep, list[str]]:
     """The knockout sweep of one image and question with the standard paths (Image->Question,
-    Image->Last, Question->Last) and every window of `window` layers; writes knockout.json,
+    Image->Last, Question->Last, and Region->Last when `region` (x0, y0, x1, y1 in the image's own
+    pixels, e.g. an object's box) is given) and every window of `window` layers; writes knockout.json,
     knockout.npz, knockout.png and report.html into `out` (`jaxflow.outputs` policy). Returns
     (KnockoutSweep, [paths written]). Raises ValueError (one line) on bad input."""
     from jaxflow.outputs import check_out_dir, publish, staging_dir
@@ -58,6 +104,8 @@ def run_knockout_report(checkpoint, image, question, *, out, window=None, templa
         raise ValueError(f"--image {image} is a folder, not an image file: pass one image file")
     if not os.path.isfile(image):
         raise ValueError(f"image not found: {image}")
+    if isinstance(region, str):
+        region = parse_region(region)
     final = check_out_dir(out, overwrite=overwrite)
     bundle = bundle_for(checkpoint, bundle, template=template, progress=say)
     check_pad_square(bundle, pad_square, ValueError)
@@ -65,7 +113,15 @@ def run_knockout_report(checkpoint, image, question, *, out, window=None, templa
     if window is not None and not 1 <= int(window) <= L:
         raise ValueError(f"--window must be in 1..{L} (the model has {L} decoder layers), got {window}")
     batch, enc = encode(bundle, [image], [question], pad_square=pad_square, with_images=True)
-    paths = standard_paths(token_groups(batch.input_ids, batch.attention_mask, bundle.config.image_token_id))
+    region_mask = None
+    if region is not None:
+        from jaxflow.data.image import load_image
+
+        region = tuple(float(v) for v in region)
+        region_mask = region_tokens(bundle, batch, enc, load_image(image).size, region, pad_square=pad_square)
+        say(f"region {region}: {int(region_mask.sum())} of {int(token_groups(batch.input_ids, batch.attention_mask, bundle.config.image_token_id)['image'].sum())} image tokens")
+    paths = standard_paths(token_groups(batch.input_ids, batch.attention_mask, bundle.config.image_token_id),
+                           region=region_mask)
     say(f"knockout sweep: {len(paths)} paths x every window, one program (compiles on first use)")
     sweep = knockout_sweep(bundle.model, batch.input_ids, enc.pixel_values, batch.attention_mask, paths,
                            window=window, **enc.image_kw)
@@ -77,6 +133,8 @@ def run_knockout_report(checkpoint, image, question, *, out, window=None, templa
         os.chmod(tmp, 0o755)
         data = {"model": bundle.name, "family": bundle.family, "image": os.path.abspath(image), "question": question,
                 "answer_token": answer, "answer_token_id": target, "p_answer": float(sweep.base[0]),
+                "region": None if region is None else list(region),
+                "region_tokens": None if region_mask is None else int(region_mask.sum()),
                 "window": sweep.window, "window_starts": sweep.starts.tolist(), "paths": sweep.paths,
                 "p_knocked_out": {n: sweep.probs[i, :, 0].tolist() for i, n in enumerate(sweep.paths)},
                 "change_percent": {n: sweep.change[i, :, 0].tolist() for i, n in enumerate(sweep.paths)}}
@@ -98,7 +156,8 @@ def run_knockout_report(checkpoint, image, question, *, out, window=None, templa
                      "attends to a key of group A (positions unchanged). Image: the image tokens; Question: the "
                      "text after the image up to the last prompt position; Last: the last prompt position, whose "
                      "next-token distribution gives P(answer), the probability of the untruncated greedy answer's "
-                     "first token. A large drop in a window means the answer depends on that flow there."))]
+                     "first token. Region: the image tokens whose cell centre lies in the given box. A large drop in a "
+                     "window means the answer depends on that flow there."))]
         H.write_html(os.path.join(tmp, "report.html"), H.page(f"jaxflow attention knockout: {bundle.name}", *parts,
                                                               subtitle=os.path.basename(image)))
         publish(tmp, final, overwrite=overwrite)

@@ -254,6 +254,35 @@ def build(qref, work: str, log=print):
     log(f"trunc: trunc_pos {tpos.tolist()}; max|logits_K - logits_L| for K = 0..{L}: "
         + ", ".join(f"{d:.3f}" for d in diffs) + f"; before <img>: {before:.1e}")
 
+    # ---- ko: attention knockout in layer 0 only: the queries from </img> on see neither the first
+    # half of the <imgpad> keys nor the first real text token (a text key too); positions unchanged ----
+    ko_q = np.zeros((2, T), np.int32)
+    ko_k = np.zeros((2, T), np.int32)
+    for b in range(2):
+        ko_q[b, end[b]:] = 1
+        ko_k[b, np.flatnonzero(ids[b] == IMGPAD)[:128]] = 1
+        ko_k[b, np.flatnonzero(mask[b])[0]] = 1
+    ko_layers = np.array([1] + [0] * (L - 1), np.int32)
+    ko_add = torch.where(torch.as_tensor((ko_q[:, :, None] & ko_k[:, None, :]) > 0)[:, None],
+                         torch.tensor(torch.finfo(torch.float32).min), torch.tensor(0.0))   # (B, 1, T, T)
+
+    def ko_hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = kwargs["attention_mask"] + ko_add
+        return args, kwargs
+
+    hs = [blk.register_forward_pre_hook(ko_hook, with_kwargs=True)
+          for l, blk in enumerate(m.transformer.h) if ko_layers[l]]
+    try:
+        ko = qref.logits(m, ids, pix, mask)
+    finally:
+        for h in hs:
+            h.remove()
+    A.update(ko_queries=ko_q, ko_keys=ko_k, ko_layers=ko_layers, ko_logits=gather(ko, tpos))
+    dko = float(np.abs(A["ko_logits"] - A["trunc_logits"][L]).max())
+    assert dko > 0.05, dko
+    log(f"ko: layers {ko_layers.tolist()}, keys per row {ko_k.sum(1).tolist()}, max|ko - plain| at trunc_pos {dko:.3f}")
+
     # ---- cam: autograd at every decoder layer's ln_2 output (the MLP input) ----
     amask = np.zeros_like(mask)
     for b, k in enumerate(CAM_ANSWERS):
@@ -321,6 +350,8 @@ def build(qref, work: str, log=print):
         "trunc": "trunc_logits[K]: finfo(float32).min added to the additive mask at the 256 <imgpad> key "
                  "columns in every decoder layer l >= K; trunc_pos = </img> and every position after it; "
                  "-1 pads the shorter row",
+        "ko": "ko_logits (at trunc_pos): finfo(float32).min added to the additive mask at every (query, key) "
+              "pair of ko_queries x ko_keys in the layers where ko_layers is 1",
         "cam": "target = sum over answer tokens p of logits[b, p-1, ids[b, p]]; grad and activation at the "
                "ln_2 output of every layer at the 256 <imgpad> positions; np_raw_cam formulas in float64",
         "attn_last": "official output_attentions: probabilities of query T-1 over all T keys, (L, B, H, T)",
