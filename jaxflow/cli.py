@@ -1,6 +1,7 @@
 """What every script shares: absl flag errors reported as one line on stderr with exit code 2, a
 persistent XLA compilation cache (on by default), so a second run of a script skips most compilation,
-and cheap compilation for small models (where compiling costs far more than running)."""
+cheap compilation for small models (where compiling costs far more than running), and the scale-out
+flags (--mesh, --sharding, --distributed)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,16 @@ flags.DEFINE_enum("fast_compile", "auto", ["auto", "on", "off"],
                   "compile with XLA's backend optimisation level 0 (programs compile about 3x faster and run "
                   "slower); auto: on for small models (the embedded toy, checkpoints under 64 MB of weights), "
                   "where compiling dominates")
+
+flags.DEFINE_string("mesh", None, "shard the model over this process's devices: data:N,model:M (N x M = the local "
+                    "device count; batch rows and variants on data, heads/MLP/vocabulary on model); default: one device")
+flags.DEFINE_enum("sharding", "tp", ["tp", "fsdp"], "with --mesh: tp shards heads, MLP width and vocabulary on the "
+                  "model axis; fsdp also spreads the embedding width over the data axis")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host runs; the cluster's "
+                  "environment names the coordinator, or give --coordinator, --num_processes and --process_id)")
+flags.DEFINE_string("coordinator", None, "with --distributed: the coordinator's host:port (process 0's)")
+flags.DEFINE_integer("num_processes", None, "with --distributed: how many processes take part")
+flags.DEFINE_integer("process_id", None, "with --distributed: this process's index, 0..num_processes-1")
 
 SMALL_MODEL_BYTES = 64 << 20
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
@@ -83,6 +94,31 @@ def enable_compile_cache(path: str | None = None) -> str | None:
     return path
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> tuple[int, int]:
+    """jax.distributed.initialize (arguments None: detected from the cluster's environment). On CPU the
+    processes exchange nothing but the coordinator's barriers. Returns (process_index, process_count)."""
+    import jax
+
+    kw = {k: v for k, v in (("coordinator_address", coordinator), ("num_processes", num_processes),
+                            ("process_id", process_id)) if v is not None}
+    jax.distributed.initialize(**kw)
+    return jax.process_index(), jax.process_count()
+
+
+def mesh_from_flags():
+    """The mesh --mesh asks for (over this process's devices), or None; a bad request exits 2 with one line."""
+    if flags.FLAGS.mesh is None:
+        return None
+    from jaxflow.sharding import MeshError, make_mesh
+
+    try:
+        return make_mesh(flags.FLAGS.mesh)
+    except MeshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 
@@ -117,6 +153,11 @@ def run(main) -> None:
             enable_fast_compile()
         if flags.FLAGS.compile_cache:
             enable_compile_cache()
+        if flags.FLAGS.distributed:
+            initialize_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        elif any(flags.FLAGS[f].present for f in ("coordinator", "num_processes", "process_id")):
+            print("error: --coordinator, --num_processes and --process_id need --distributed", file=sys.stderr)
+            sys.exit(2)
         return main(argv)
 
     app.run(checked, flags_parser=parse_flags)

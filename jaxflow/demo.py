@@ -27,7 +27,7 @@ def model_view(pixels: np.ndarray, spec) -> Image.Image:
     return Image.fromarray(rgb.transpose(1, 2, 0))
 
 
-def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=16, pad_square=False,
+def run_demo(checkpoint, image, question, *, out, mesh=None, rules="tp", template=None, max_new_tokens=16, pad_square=False,
              analyses=True, progress=print, overwrite=False):
     """Greedy answer + S/T/U/A spans (summary.json, model_input.png in `out`); with `analyses`, also
     every instrument (LLaVA-CAM, attention shares, flows: `out/analysis`), the truncation sweep
@@ -45,7 +45,7 @@ def run_demo(checkpoint, image, question, *, out, template=None, max_new_tokens=
     if not os.path.isfile(image):
         raise DemoError(f"image not found: {image}")
     try:
-        bundle = load_bundle(checkpoint, template=template)
+        bundle = load_bundle(checkpoint, template=template, mesh=mesh, rules=rules)
         check_pad_square(bundle, pad_square, DemoError)
     except DemoError:
         raise

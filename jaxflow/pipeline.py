@@ -115,21 +115,22 @@ def default_template(checkpoint: str | None) -> str:
     return "vicuna_v1"
 
 
-def load_bundle(checkpoint: str | None = None, *, template: str | None = None, dtype: str | None = None) -> Bundle:
+def load_bundle(checkpoint: str | None = None, *, template: str | None = None, dtype: str | None = None,
+                mesh=None, rules: str = "tp") -> Bundle:
     """A converted checkpoint (model, its tokenizer, its image processor settings), or with
     checkpoint=None the embedded toy model ("toy-llava"). template None: the checkpoint's own
-    (`default_template`)."""
+    (`default_template`). mesh / rules: shard the model (`jaxflow.load`)."""
     template = template or default_template(checkpoint)
     if checkpoint is None:
-        return _load_dir(default_checkpoint(), DEFAULT_MODEL_NAME, template, dtype)
-    return _load_dir(checkpoint, checkpoint_name(checkpoint), template, dtype)
+        return _load_dir(default_checkpoint(), DEFAULT_MODEL_NAME, template, dtype, mesh, rules)
+    return _load_dir(checkpoint, checkpoint_name(checkpoint), template, dtype, mesh, rules)
 
 
 def bundle_for(checkpoint: str | None, bundle: Bundle | None = None, *, template: str | None = None,
-               progress=None) -> Bundle:
+               progress=None, mesh=None, rules: str = "tp") -> Bundle:
     """The bundle an entry point runs on: `bundle` if the caller already loaded one (with `template`
-    applied when given), else `load_bundle(checkpoint, template=template)`, reporting the load through
-    `progress`. A checkpoint that cannot be loaded raises ValueError (one line)."""
+    applied when given), else `load_bundle(checkpoint, template=template, mesh=mesh, rules=rules)`,
+    reporting the load through `progress`. A checkpoint that cannot be loaded raises ValueError (one line)."""
     from jaxflow.convert import CheckpointError
 
     if bundle is not None:
@@ -137,16 +138,16 @@ def bundle_for(checkpoint: str | None, bundle: Bundle | None = None, *, template
     if progress:
         progress(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
     try:
-        return load_bundle(checkpoint, template=template)
+        return load_bundle(checkpoint, template=template, mesh=mesh, rules=rules)
     except (CheckpointError, OSError) as e:
         raise ValueError(str(e)) from e
 
 
-def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> Bundle:
+def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None, mesh=None, rules: str = "tp") -> Bundle:
     from jaxflow.convert.checkpoint import CheckpointError, corrupt_json
 
     try:
-        return _load_parts(checkpoint, name, template, dtype)
+        return _load_parts(checkpoint, name, template, dtype, mesh, rules)
     except (ValueError, OSError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -156,10 +157,10 @@ def _load_dir(checkpoint: str, name: str, template: str, dtype: str | None) -> B
         raise
 
 
-def _load_parts(checkpoint: str, name: str, template: str, dtype: str | None) -> Bundle:
+def _load_parts(checkpoint: str, name: str, template: str, dtype: str | None, mesh=None, rules: str = "tp") -> Bundle:
     from jaxflow.convert import load, load_tokenizer
 
-    model = load(checkpoint, dtype=dtype)
+    model = load(checkpoint, dtype=dtype, mesh=mesh, rules=rules)
     if model.family == "internvl":
         return Bundle(model, load_tokenizer(checkpoint), _internvl_image_config(checkpoint, model), name=name,
                       template=template)

@@ -23,7 +23,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
@@ -68,6 +68,7 @@ def main(argv):
     image = None if FLAGS.images else (FLAGS.image or tiny.DEMO_IMAGE)
     try:
         s = run_analysis(FLAGS.checkpoint, image, FLAGS.question, out=FLAGS.out, items=FLAGS.images,
+                         mesh=mesh_from_flags(), rules=FLAGS.sharding,
                          batch_size=FLAGS.batch_size,
                          answer=FLAGS.answer, methods=tuple(m.strip() for m in FLAGS.methods if m.strip()),
                          smooth_n=FLAGS.smooth_n, smooth_sigma=FLAGS.smooth_sigma, threshold=FLAGS.threshold,

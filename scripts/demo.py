@@ -14,7 +14,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
@@ -42,6 +42,7 @@ def main(argv):
 
     try:
         result = run_demo(FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question, out=FLAGS.out,
+                          mesh=mesh_from_flags(), rules=FLAGS.sharding,
                           template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens,
                           pad_square=FLAGS.pad_square, analyses=FLAGS.analyses, overwrite=FLAGS.overwrite)
     except DemoError as e:

@@ -16,7 +16,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
@@ -49,6 +49,7 @@ def main(argv):
 
     try:
         result, files = run_faithfulness(FLAGS.checkpoint, out=FLAGS.out, n=FLAGS.n, seed=FLAGS.seed,
+                                         mesh=mesh_from_flags(), rules=FLAGS.sharding,
                                          methods=FLAGS.methods, boxes=FLAGS.boxes, image_dir=FLAGS.image_dir,
                                          batch_size=FLAGS.batch_size, pad_square=FLAGS.pad_square,
                                          template=FLAGS.template, overwrite=FLAGS.overwrite,

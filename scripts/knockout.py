@@ -12,7 +12,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
@@ -38,6 +38,7 @@ def main(argv):
 
     try:
         sweep, files = run_knockout_report(FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question,
+                                           mesh=mesh_from_flags(), rules=FLAGS.sharding,
                                            out=FLAGS.out, window=FLAGS.window, template=FLAGS.template,
                                            pad_square=FLAGS.pad_square, overwrite=FLAGS.overwrite, region=FLAGS.region,
                                            progress=lambda msg: print(msg, flush=True))

@@ -12,7 +12,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
@@ -43,6 +43,7 @@ def main(argv):
     try:
         report, s, files = run_logit_lens(
             FLAGS.checkpoint, FLAGS.image or tiny.DEMO_IMAGE, FLAGS.question, out=FLAGS.out, answer=FLAGS.answer,
+            mesh=mesh_from_flags(), rules=FLAGS.sharding,
             top_k=FLAGS.top_k, layers=FLAGS.layers, max_new_tokens=FLAGS.max_new_tokens, template=FLAGS.template,
             pad_square=FLAGS.pad_square, overwrite=FLAGS.overwrite, progress=lambda msg: print(msg, flush=True))
     except ValueError as e:

@@ -16,7 +16,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_enum("dataset", "toy_pope", ["pope", "textvqa", "scienceqa", "chair", "toy_pope", "toy_caption"],
@@ -66,6 +66,7 @@ def main(argv):
         options["splits"] = tuple(s.strip() for s in FLAGS.pope_splits.split(",") if s.strip())
     try:
         r = run_probes(FLAGS.checkpoint, FLAGS.dataset, out=out, data_dir=FLAGS.data_dir, image_dir=FLAGS.image_dir,
+                       mesh=mesh_from_flags(), rules=FLAGS.sharding,
                        limit=FLAGS.limit, toy_n=FLAGS.toy_n, seed=FLAGS.seed, options=options,
                        batch_size=FLAGS.batch_size, train_fraction=FLAGS.train_fraction, steps=FLAGS.steps,
                        lr=FLAGS.lr, weight_decay=FLAGS.weight_decay, probe_seed=FLAGS.probe_seed, cliff=FLAGS.cliff,

@@ -16,7 +16,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_string("checkpoint", None, "jaxflow checkpoint directory (default: the embedded toy model, jaxflow/assets/toy_llava)")
@@ -54,6 +54,7 @@ def main(argv):
     try:
         report, files = run_sweep_report(
             FLAGS.checkpoint, image, FLAGS.question, out=FLAGS.out, items=FLAGS.images, batch_size=FLAGS.batch_size,
+            mesh=mesh_from_flags(), rules=FLAGS.sharding,
             template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens, layers=FLAGS.layers,
             keep_top_k=FLAGS.keep_top_k, epsilon=FLAGS.epsilon, pad_square=FLAGS.pad_square, overwrite=FLAGS.overwrite,
             progress=lambda msg: print(msg, flush=True))

@@ -388,7 +388,7 @@ def read_box_samples(path: str, image_dir: str | None = None) -> list[BoxSample]
     return out
 
 
-def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, seed: int = 0,
+def run_faithfulness(checkpoint: str | None = None, *, out: str, mesh=None, rules: str = "tp", n: int = 200, seed: int = 0,
                      methods=("paper", "gradcam", "gradxact"), boxes: str | None = None, image_dir: str | None = None,
                      batch_size: int = 16, pad_square: bool = False, template: str | None = None,
                      progress: bool = True, overwrite: bool = False, deletion_steps: int = 20,
@@ -425,7 +425,7 @@ def run_faithfulness(checkpoint: str | None = None, *, out: str, n: int = 200, s
         samples = faithfulness_samples(n, seed)
         source = f"toy held-out samples (n={n}, seed={seed})"
     try:
-        bundle = load_bundle(checkpoint, template=template)
+        bundle = load_bundle(checkpoint, template=template, mesh=mesh, rules=rules)
     except (CheckpointError, OSError) as e:
         raise ValueError(str(e)) from e
     result = faithfulness(bundle, samples, methods, batch_size=batch_size, pad_square=pad_square,

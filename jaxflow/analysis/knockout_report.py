@@ -81,7 +81,7 @@ def region_tokens(bundle, batch, enc, image_wh: tuple[int, int], box, *, pad_squ
     return region
 
 
-def run_knockout_report(checkpoint, image, question, *, out, window=None, template=None, pad_square=False,
+def run_knockout_report(checkpoint, image, question, *, out, mesh=None, rules="tp", window=None, template=None, pad_square=False,
                         overwrite=False, progress=None, bundle=None, region=None) -> tuple[KnockoutSweep, list[str]]:
     """The knockout sweep of one image and question with the standard paths (Image->Question,
     Image->Last, Question->Last, and Region->Last when `region` (x0, y0, x1, y1 in the image's own
@@ -107,7 +107,7 @@ def run_knockout_report(checkpoint, image, question, *, out, window=None, templa
     if isinstance(region, str):
         region = parse_region(region)
     final = check_out_dir(out, overwrite=overwrite)
-    bundle = bundle_for(checkpoint, bundle, template=template, progress=say)
+    bundle = bundle_for(checkpoint, bundle, template=template, progress=say, mesh=mesh, rules=rules)
     check_pad_square(bundle, pad_square, ValueError)
     L = bundle.config.text.num_layers
     if window is not None and not 1 <= int(window) <= L:

@@ -296,7 +296,7 @@ def lens_summary(report: LensReport, tokenizer, layers, *, words: int = 8) -> di
     }
 
 
-def run_logit_lens(checkpoint, image, question: str, *, out: str, answer: str | None = None, top_k: int = 5,
+def run_logit_lens(checkpoint, image, question: str, *, out: str, mesh=None, rules: str = "tp", answer: str | None = None, top_k: int = 5,
                    layers=None, max_new_tokens: int = 8, template: str | None = None, pad_square: bool = False,
                    overwrite: bool = False, progress=None, bundle=None):
     """What scripts/logit_lens.py does: `lens_report` of one image and question, then answer_lens.png
@@ -337,7 +337,7 @@ def run_logit_lens(checkpoint, image, question: str, *, out: str, answer: str | 
     if layers is not None and not layers:
         raise ValueError("--layers is empty: name lens layers, or leave it out for four evenly spaced ones")
     final = check_out_dir(out, overwrite=overwrite)
-    bundle = bundle_for(checkpoint, bundle, template=template, progress=say)
+    bundle = bundle_for(checkpoint, bundle, template=template, progress=say, mesh=mesh, rules=rules)
     check_pad_square(bundle, pad_square)
     L = bundle.config.text.num_layers
     if layers is not None and (layers[0] < 0 or layers[-1] > L):

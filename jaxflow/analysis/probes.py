@@ -529,7 +529,7 @@ def _model_answer_accuracy(bundle, items, next_token, train) -> dict | None:
             "definition": "the model's greedy first answer token, scored as the data set's answers"}
 
 
-def run_probes(checkpoint=None, dataset: str = "toy_pope", *, out: str, data_dir=None, image_dir=None,
+def run_probes(checkpoint=None, dataset: str = "toy_pope", *, out: str, mesh=None, rules: str = "tp", data_dir=None, image_dir=None,
                limit=None, toy_n: int = 100, seed: int = 0, options=None, batch_size: int = 16,
                train_fraction: float = 0.5, steps: int = 500, lr: float = 0.1, weight_decay: float = 1e-3,
                probe_seed: int = 0, cliff: bool = True, epsilon: float = 0.01, max_new_tokens=None, template=None,
@@ -583,7 +583,7 @@ def run_probes(checkpoint=None, dataset: str = "toy_pope", *, out: str, data_dir
     if bundle is None:
         say(f"loading {'the embedded toy model' if checkpoint is None else checkpoint}")
         try:
-            bundle = load_bundle(checkpoint, template=template, dtype=dtype)
+            bundle = load_bundle(checkpoint, template=template, dtype=dtype, mesh=mesh, rules=rules)
         except (CheckpointError, OSError) as e:
             raise ProbeError(str(e)) from None
     elif template is not None and template != bundle.template:

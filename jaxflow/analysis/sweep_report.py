@@ -112,7 +112,7 @@ def _logsumexp(x):
     return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new_tokens=16, layers=None,
+def run_sweep_report(checkpoint, image, question, *, out, mesh=None, rules="tp", template=None, max_new_tokens=16, layers=None,
                      keep_top_k=0, epsilon=0.05, pad_square=False, overwrite=False, items=None, batch_size=8,
                      progress=None, bundle=None):
     """What scripts/truncation_sweep.py does: report + answers.json + sweep.png + report.html in `out`,
@@ -159,7 +159,7 @@ def run_sweep_report(checkpoint, image, question, *, out, template=None, max_new
         layers = None if layers is None else [int(k) for k in layers]
     except ValueError as e:
         raise ValueError(f"--layers must be integers: {e}") from e
-    bundle = bundle_for(checkpoint, bundle, template=template, progress=say)
+    bundle = bundle_for(checkpoint, bundle, template=template, progress=say, mesh=mesh, rules=rules)
     L = bundle.config.text.num_layers
     if layers is not None and any(k < 0 or k > L for k in layers):  # before any computation
         raise ValueError(f"layers must be cut layers K in 0..{L} ({L} = untruncated), got {sorted(set(layers))}")

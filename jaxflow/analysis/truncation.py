@@ -32,6 +32,7 @@ from jaxflow.generate import left_align, stop_tokens
 from jaxflow.models.family import next_positions
 from jaxflow.models.layers import _NEG
 from jaxflow.models.llama import decoder_layer
+from jaxflow.sharding import constrain_rows
 from flax import nnx
 
 
@@ -284,6 +285,7 @@ def _sweep_core(model, ids, images, mask, text_idx, text_valid, image_start, ima
             l = xs_l["l"]
             x_own = jnp.take_along_axis(xs_l["res"][None], own_sel[:n, :, :, None], axis=2)  # (n, B, Q, D)
             hin = jnp.where((ks_n >= l)[:, None, None, None], x_own.astype(hn.dtype), hn)
+            hin = constrain_rows(hin, lm.mesh, axes=(0, 1))  # (n, B, Q, D): variants (else rows) on "data"
             pre_ok = _prefix_ok(l, ks_n, sys_valid, sys_img, pre_kept_n, seq_n)
             out, kv = _variant_layer(layer, hin, cos, sin, own_ok, xs_l["pre_k"], xs_l["pre_v"], pre_ok, scale)
             return out, (kv if for_generation else None)

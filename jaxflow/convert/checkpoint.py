@@ -149,7 +149,8 @@ def read_marker(path: str) -> dict:
     return meta
 
 
-def load(path: str, dtype: str | None = None, *, verify: bool = True) -> VisionLanguageModel:
+def load(path: str, dtype: str | None = None, *, verify: bool = True, mesh=None,
+         rules: str | dict = "tp") -> VisionLanguageModel:
     """Restores a model written by scripts/convert_checkpoint.py (or `save_model`), of any family
     (`model.family` names it).
 
@@ -157,6 +158,9 @@ def load(path: str, dtype: str | None = None, *, verify: bool = True) -> VisionL
     verify: check every parameter against the checksum written at conversion (a corrupt or
     bit-flipped file) and for NaN / Inf values (a broken model); CheckpointError names the first bad
     parameter. Costs about a second per GB of weights on the host.
+    mesh: a `jax.sharding.Mesh` with axes ("data", "model"): each parameter is restored straight into
+    the layout `jaxflow.sharding` gives it under `rules` ("tp" or "fsdp"), and the model records the
+    mesh. With devices of other hosts in the mesh, only the local shards are checked for NaN / Inf.
     """
     import orbax.checkpoint as ocp
 
@@ -168,6 +172,12 @@ def load(path: str, dtype: str | None = None, *, verify: bool = True) -> VisionL
         raise CheckpointError(f"{path}: {e}") from e
     stored = DTYPES.get(meta.get("dtype", "float32"), jnp.float32)
     graphdef, state, target = abstract_params(cfg, stored)
+    if mesh is not None:
+        from jaxflow.sharding import state_shardings
+
+        shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+        target = jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sh),
+                              target, shardings)
     want = DTYPES[dtype] if dtype is not None else None
     sums = meta.get("checksums") or {} if verify else {}
     restored: dict = {}
@@ -189,7 +199,12 @@ def load(path: str, dtype: str | None = None, *, verify: bool = True) -> VisionL
                 raise CheckpointError(f"cannot restore parameter {'.'.join(map(str, leaf_path))} of {path} (corrupt "
                                       f"file, or a config.json whose sizes disagree with it?): {first}") from e
             name = ".".join(map(str, leaf_path))
-            if verify:  # on the host copy the checksum reads anyway: no device program to compile per shape
+            if verify and not getattr(arr, "is_fully_addressable", True):  # other hosts hold the rest
+                for shard in arr.addressable_shards:
+                    if jnp.issubdtype(arr.dtype, jnp.floating) and not np.isfinite(np.asarray(shard.data)).all():
+                        raise CheckpointError(f"{path}: parameter {'.'.join(map(str, leaf_path))} holds NaN or Inf "
+                                              "values: the model is broken (re-convert it from a good source)")
+            elif verify:  # on the host copy the checksum reads anyway: no device program to compile per shape
                 host = np.asarray(arr)
                 if name in sums and checksum(host) != sums[name]:
                     raise CheckpointError(f"{path}: parameter {name} does not match the checksum written at "
@@ -205,6 +220,10 @@ def load(path: str, dtype: str | None = None, *, verify: bool = True) -> VisionL
             del arr
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        from jaxflow.sharding import set_mesh
+
+        set_mesh(model, mesh)
     return model
 
 

@@ -12,10 +12,10 @@ from jaxflow.models.layers import LayerNorm, Linear, activation, attend, normal_
 class ClipAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype):
         d = cfg.hidden_size
-        self.q_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype)
-        self.k_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype)
-        self.v_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype)
-        self.out_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype)
+        self.q_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.k_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.v_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.out_proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype, axes=("heads", "embed"))
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
     def __call__(self, x, impl: str):  # (B, N, D) -> (B, N, D)
@@ -29,8 +29,8 @@ class ClipAttention(nnx.Module):
 
 class ClipMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype):
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs, dtype=dtype)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "mlp"))
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):

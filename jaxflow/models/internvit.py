@@ -155,10 +155,10 @@ def _norm(cfg: InternVisionConfig, dtype):
 class InternVisionAttention(nnx.Module):
     def __init__(self, cfg: InternVisionConfig, *, rngs: nnx.Rngs, dtype):
         d = cfg.hidden_size
-        self.q_proj = Linear(d, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
-        self.k_proj = Linear(d, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
-        self.v_proj = Linear(d, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
-        self.projection_layer = Linear(d, d, bias=True, rngs=rngs, dtype=dtype)
+        self.q_proj = Linear(d, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.k_proj = Linear(d, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.v_proj = Linear(d, d, bias=cfg.attention_bias, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.projection_layer = Linear(d, d, bias=True, rngs=rngs, dtype=dtype, axes=("heads", "embed"))
         self.q_norm = RMSNorm(d, QK_NORM_EPS, dtype) if cfg.use_qk_norm else None
         self.k_norm = RMSNorm(d, QK_NORM_EPS, dtype) if cfg.use_qk_norm else None
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -294,8 +294,8 @@ class InternVLProjector(nnx.Module):
                  hidden_act: str = "gelu", rngs: nnx.Rngs, dtype=jnp.float32):
         din = vision_hidden * int(1 / downsample_ratio) ** 2  # transformers' int() truncation
         self.layer_norm = LayerNorm(din, PROJECTOR_LN_EPS, dtype)
-        self.linear_1 = Linear(din, text_hidden, bias=True, rngs=rngs, dtype=dtype)
-        self.linear_2 = Linear(text_hidden, text_hidden, bias=True, rngs=rngs, dtype=dtype)
+        self.linear_1 = Linear(din, text_hidden, bias=True, rngs=rngs, dtype=dtype, axes=(None, "mlp"))
+        self.linear_2 = Linear(text_hidden, text_hidden, bias=True, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
         self.act = activation(hidden_act)
         self.in_features = din
 

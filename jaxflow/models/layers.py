@@ -27,11 +27,12 @@ def normal_init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias; kernel (in, out) — transformers stores the transpose."""
+    """y = x @ kernel + bias; kernel (in, out) — transformers stores the transpose. axes: the logical
+    names of (in, out) that `jaxflow.sharding` maps to mesh axes (None: replicated)."""
 
-    def __init__(self, din: int, dout: int, *, bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.kernel = nnx.Param(normal_init(rngs, (din, dout), dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+    def __init__(self, din: int, dout: int, *, bias: bool, rngs: nnx.Rngs, dtype=jnp.float32, axes=(None, None)):
+        self.kernel = nnx.Param(normal_init(rngs, (din, dout), dtype), logical_axes=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=(axes[1],)) if bias else None
 
     def __call__(self, x):  # (..., in) -> (..., out)
         y = x @ self.kernel[...]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxflow.models.config import TextConfig
+from jaxflow.sharding import constrain_rows
 from jaxflow.models.layers import (CAUSAL_BLOCK, Linear, RMSNorm, apply_rope, attend, attention_probs, normal_init,
                                    repeat_kv)
 
@@ -27,11 +28,11 @@ CAPTURES = ("residual", "mlp_in", "kv")
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype):
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, h * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
-        self.k_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
-        self.v_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype)
+        self.q_proj = Linear(d, h * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.k_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype, axes=("embed", "kv_heads"))
+        self.v_proj = Linear(d, kvh * hd, bias=cfg.attention_bias, rngs=rngs, dtype=dtype, axes=("embed", "kv_heads"))
         self.o_proj = Linear(h * hd, d, bias=cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias,
-                             rngs=rngs, dtype=dtype)
+                             rngs=rngs, dtype=dtype, axes=("heads", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
 
     def qkv(self, x, cos, sin):
@@ -51,9 +52,9 @@ class LlamaAttention(nnx.Module):
 class LlamaMLP(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype)
-        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype)
-        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype)
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, axes=("embed", "mlp"))
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, axes=("embed", "mlp"))
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -98,9 +99,12 @@ jax.tree_util.register_dataclass(LayerStackOutput, data_fields=["hidden", "captu
 
 
 class LlamaModel(nnx.Module):
+    mesh = None  # a jax.sharding.Mesh when sharded (`jaxflow.sharding.shard`): rows are constrained to "data"
+
     def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
-        self.embed_tokens = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.embed_tokens = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype),
+                                       logical_axes=("vocab", "embed"))
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -110,7 +114,7 @@ class LlamaModel(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if tie_word_embeddings else nnx.Param(
-            normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype))
+            normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype), logical_axes=("embed", "vocab"))
 
     def embed(self, input_ids):  # (B, T) -> (B, T, D)
         return jnp.take(self.embed_tokens[...], input_ids, axis=0)
@@ -203,6 +207,8 @@ class LlamaModel(nnx.Module):
                 ys["k"], ys["v"] = k_new[:, :capture_kv_len], v_new[:, :capture_kv_len]
             return (h_out, kv), ys
 
+        x = constrain_rows(x, self.mesh)  # the stack's boundaries: batch rows on "data"
         (h, kv), ys = jax.lax.scan(body, (x, cache), xs)
+        h = constrain_rows(h, self.mesh)
         rows = ys.pop("attn_rows", None)
         return LayerStackOutput(hidden=h, captures=ys, attn_rows=rows, cache=kv)

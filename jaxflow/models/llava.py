@@ -17,8 +17,8 @@ class Projector(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, dtype):
         din = cfg.vision.hidden_size * len(cfg.feature_layers)
         d = cfg.text.hidden_size
-        self.linear_1 = Linear(din, d, bias=cfg.projector_bias, rngs=rngs, dtype=dtype)
-        self.linear_2 = Linear(d, d, bias=cfg.projector_bias, rngs=rngs, dtype=dtype)
+        self.linear_1 = Linear(din, d, bias=cfg.projector_bias, rngs=rngs, dtype=dtype, axes=(None, "mlp"))
+        self.linear_2 = Linear(d, d, bias=cfg.projector_bias, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
         self.act_name = cfg.projector_hidden_act
 
     def __call__(self, x):  # (B, N, Dv * n_layers) -> (B, N, D)

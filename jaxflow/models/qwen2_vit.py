@@ -324,8 +324,8 @@ def _norm(cfg: Qwen2VisionConfig, dim: int, dtype):
 class Qwen2VisionAttention(nnx.Module):
     def __init__(self, cfg: Qwen2VisionConfig, *, rngs: nnx.Rngs, dtype):
         d = cfg.hidden_size
-        self.qkv = Linear(d, 3 * d, bias=True, rngs=rngs, dtype=dtype)
-        self.proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype)
+        self.qkv = Linear(d, 3 * d, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.proj = Linear(d, d, bias=True, rngs=rngs, dtype=dtype, axes=("heads", "embed"))
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
     def __call__(self, x, cos, sin, allowed, impl: str):
@@ -343,9 +343,9 @@ class Qwen2_5VisionMLP(nnx.Module):
 
     def __init__(self, cfg: Qwen2VisionConfig, *, rngs: nnx.Rngs, dtype):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, bias=True, rngs=rngs, dtype=dtype)
-        self.up_proj = Linear(d, f, bias=True, rngs=rngs, dtype=dtype)
-        self.down_proj = Linear(f, d, bias=True, rngs=rngs, dtype=dtype)
+        self.gate_proj = Linear(d, f, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "mlp"))
+        self.up_proj = Linear(d, f, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "mlp"))
+        self.down_proj = Linear(f, d, bias=True, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):  # (..., D) -> (..., D)

@@ -270,10 +270,10 @@ class VisualAttention(nnx.Module):
     """Self-attention of the ViT blocks; the official `in_proj` is split per head into q, k, v here."""
 
     def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype):
-        self.q_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype)
-        self.k_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype)
-        self.v_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype)
-        self.out_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype)
+        self.q_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.k_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.v_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
+        self.out_proj = Linear(width, width, bias=True, rngs=rngs, dtype=dtype, axes=("heads", "embed"))
         self.heads = heads
 
     def __call__(self, x, impl: str):  # (B, N, W) -> (B, N, W)
@@ -286,8 +286,8 @@ class VisualAttention(nnx.Module):
 
 class VisualMLP(nnx.Module):
     def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, dtype):
-        self.c_fc = Linear(width, hidden, bias=True, rngs=rngs, dtype=dtype)
-        self.c_proj = Linear(hidden, width, bias=True, rngs=rngs, dtype=dtype)
+        self.c_fc = Linear(width, hidden, bias=True, rngs=rngs, dtype=dtype, axes=("embed", "mlp"))
+        self.c_proj = Linear(hidden, width, bias=True, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
 
     def __call__(self, x):
         return self.c_proj(activation("gelu")(self.c_fc(x)))

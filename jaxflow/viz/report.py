@@ -364,7 +364,7 @@ def _answer_ids(tok, text: str, where: str = "") -> list[int]:
     return ids
 
 
-def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("paper", "gradcam"), smooth_n=0,
+def run_analysis(checkpoint, image, question, *, out, mesh=None, rules="tp", answer=None, methods=("paper", "gradcam"), smooth_n=0,
                  smooth_sigma=0.15, threshold=None, score="logit", template=None, max_new_tokens=8,
                  pad_square=False, heads="mean", queries="predicting", layer=None, max_token_maps=8, seed=0,
                  progress=print, overwrite=False, items=None, batch_size=8, bundle=None) -> dict:
@@ -407,7 +407,7 @@ def run_analysis(checkpoint, image, question, *, out, answer=None, methods=("pap
             text = it.answer if it.answer is not None else answer
             if text is not None:
                 given[it.name] = (text, _answer_ids(tok, text, f"{it.source}: " if multi else ""))
-        bundle = bundle_for(checkpoint, bundle, template=template, progress=step)
+        bundle = bundle_for(checkpoint, bundle, template=template, progress=step, mesh=mesh, rules=rules)
         template = bundle.template
         check_pad_square(bundle, pad_square, AnalyzeError)
     except AnalyzeError:
