@@ -122,7 +122,7 @@ class LlamaModel(nnx.Module):
     def logits(self, h):  # (B, T, D) -> (B, T, V) float32, final norm included
         h = self.norm(h)
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return (h @ w).astype(jnp.float32)
+        return jnp.matmul(h, w, preferred_element_type=jnp.float32)  # bf16 weights: float32 sums and logits
 
     def run_layers(self, x, cos, sin, allowed, *, impl: str = "fused", image_keys=None, truncate_at=None,
                    cache=None, write_index=None, attn_rows=None, attn_row_delta=None, mlp_in_delta=None,
