@@ -10,7 +10,9 @@ or the bundled fixtures of a benchmark's file format (the toy model knows nothin
 A real run:
     python scripts/evaluate.py --checkpoint checkpoints/llava-1.5-7b --dataset pope \\
         --data_dir data/pope --image_dir data/coco/val2014 --sweep all --batch_size 16 --out outputs/eval/pope
-Re-running the same command resumes. A finished run also writes report.html beside summary.json (one
+Re-running the same command resumes. --mesh data:N,model:M shards the model over this process's
+devices; --distributed runs one process per host, each on its share of the batches (--out on a
+filesystem every host sees). A finished run also writes report.html beside summary.json (one
 self-contained page: the metrics per K, the cliff layer, the figure, the settings, the model, the first
 item's prompt as tokenised and the words the tokenizer does not know). See docs/evaluation.md.
 """
@@ -19,7 +21,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxflow.cli import run
+from jaxflow.cli import mesh_from_flags, run
 from jaxflow.data.prompts import TEMPLATES
 
 flags.DEFINE_enum("dataset", None, ["pope", "textvqa", "scienceqa", "chair", "toy_pope", "toy_caption"],
@@ -73,6 +75,7 @@ def main(argv):
     if FLAGS.rescore:
         rescore()
         return
+    mesh_from_flags()  # a mesh this process's devices cannot make exits 2 here, before anything is written
     options = {}
     if FLAGS.dataset == "textvqa":
         options["prompt"] = FLAGS.textvqa_prompt
@@ -97,7 +100,7 @@ def main(argv):
                      limit=FLAGS.limit, max_new_tokens=FLAGS.max_new_tokens, epsilon=FLAGS.epsilon,
                      skip_bad=FLAGS.skip_bad, overwrite=FLAGS.overwrite, template=FLAGS.template,
                      pad_square=FLAGS.pad_square, dtype=FLAGS.dtype, seed=FLAGS.seed, options=options,
-                     progress=FLAGS.progress, protocol=FLAGS.protocol)
+                     progress=FLAGS.progress, protocol=FLAGS.protocol, mesh=FLAGS.mesh, sharding=FLAGS.sharding)
     try:
         res = run_evaluation(cfg)
     except (EvaluationError, DatasetError, CheckpointError) as e:

@@ -9,10 +9,16 @@ A batch's lines are written with one ``write`` call, then flushed and fsynced, s
 file holds whole batches plus at most one half-written line at the end; ``repair_jsonl`` cuts that
 line away before the file is appended to again. Records are keyed by (id, K): a resumed run skips
 the pairs already present and writes only the missing ones, so nothing is lost or duplicated.
+
+A multi-host run (``jax.process_count() > 1``) has each process append its batches to its own
+``predictions.host{i}-of-{n}.jsonl`` (the same format and crash safety); process 0 then merges them
+all into ``predictions.jsonl`` (``merge_predictions``: one record per (id, K), in item order, written
+atomically) and deletes them.
 """
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import math
@@ -29,6 +35,7 @@ CURVE_PNG = "truncation_curve.png"
 LOCK = ".lock"
 RUN_FILES = (PREDICTIONS, RUN_JSON, SUMMARY_JSON, SUMMARY_CSV, CURVE_PNG)
 RECORD_KEYS = ("id", "K", "prediction", "score")
+HOST_PREDICTIONS = "predictions.host{index}-of-{count}.jsonl"
 
 
 class EvaluationError(ValueError):
@@ -70,14 +77,18 @@ def repair_jsonl(path: str) -> int:
     return size - keep
 
 
-def read_records(path: str) -> list[dict]:
+def read_records(path: str, *, complete_only: bool = False) -> list[dict]:
     """All records of a predictions file (which must end with a newline: call ``repair_jsonl``
-    first). A malformed or incomplete complete line raises EvaluationError naming the line."""
+    first). A malformed or incomplete complete line raises EvaluationError naming the line.
+    complete_only: ignore a last line without its newline instead (a file another process may be
+    appending to right now; the file is not changed)."""
     out = []
     if not os.path.exists(path):
         return out
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
+            if complete_only and not line.endswith("\n"):
+                break
             if not line.strip():
                 continue
             try:
@@ -163,6 +174,68 @@ def unique_records(records: list[dict]) -> dict[tuple[str, int], dict]:
     return out
 
 
+# --------------------------------------------------------------------------- per-host files
+
+
+def host_predictions(out: str, index: int, count: int) -> str:
+    """The predictions file process `index` of `count` appends to in a multi-host run."""
+    return os.path.join(out, HOST_PREDICTIONS.format(index=index, count=count))
+
+
+def host_files(out: str) -> list[str]:
+    """Every per-host predictions file in the run directory (of any process count), sorted."""
+    return sorted(glob.glob(os.path.join(glob.escape(out), HOST_PREDICTIONS.format(index="*", count="*"))))
+
+
+def known_records(out: str, *, skip: str | None = None) -> list[dict]:
+    """The complete records of predictions.jsonl and of every per-host file but `skip`: what a host
+    counts as done besides its own file (read only; a half-written last line is ignored)."""
+    paths = [os.path.join(out, PREDICTIONS)] + [p for p in host_files(out) if p != skip]
+    return [r for p in paths for r in read_records(p, complete_only=True)]
+
+
+def merge_predictions(out: str, order: list[tuple[str, int]]) -> int:
+    """Fold every per-host file into predictions.jsonl: one record per (id, K) (the first seen,
+    predictions.jsonl's before the hosts'), listed in `order`; written to a temporary file and
+    renamed, then the host files are deleted (a kill at any point loses nothing). A record whose
+    (id, K) is not in `order` raises EvaluationError. Returns the number of records written."""
+    hosts = host_files(out)
+    main = os.path.join(out, PREDICTIONS)
+    if not hosts:
+        return 0
+    repair_jsonl(main)
+    recs = unique_records(read_records(main) + [r for p in hosts for r in read_records(p, complete_only=True)])
+    wanted = set(order)
+    stray = [key for key in recs if key not in wanted]
+    if stray:
+        raise EvaluationError(f"{out} has records of other items or layers (e.g. id {stray[0][0]!r}, K {stray[0][1]}): "
+                              "use --overwrite to start over")
+    text = format_records([recs[k] for k in order if k in recs])
+    tmp = f"{main}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, main)
+    _fsync_dir(out)
+    for p in hosts:
+        os.remove(p)
+    return len(recs)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- run.json and the lock
 
 
@@ -229,8 +302,7 @@ def open_run_dir(out: str, params: dict, *, overwrite: bool = False, extra: dict
     run_path = os.path.join(out, RUN_JSON)
     pred_path = os.path.join(out, PREDICTIONS)
     if overwrite:
-        for name in RUN_FILES:
-            p = os.path.join(out, name)
+        for p in [os.path.join(out, name) for name in RUN_FILES] + host_files(out):
             if os.path.exists(p):
                 os.remove(p)
     info = None
@@ -252,10 +324,11 @@ def open_run_dir(out: str, params: dict, *, overwrite: bool = False, extra: dict
 
 
 class RunLock:
-    """An exclusive advisory lock on DIR/.lock (released when the process ends, even by a kill)."""
+    """An exclusive advisory lock on DIR/.lock (released when the process ends, even by a kill).
+    name: another lock file (the processes of a multi-host run but process 0 lock their own)."""
 
-    def __init__(self, out: str):
-        self.path = os.path.join(out, LOCK)
+    def __init__(self, out: str, name: str = LOCK):
+        self.path = os.path.join(out, name)
         self._f = None
 
     def __enter__(self):
@@ -268,7 +341,8 @@ class RunLock:
             self._f.close()
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise EvaluationError(f"another evaluation is running in {os.path.dirname(self.path)} "
-                                      "(it holds .lock); wait for it or use another --out") from None
+                                      f"(it holds {os.path.basename(self.path)}); wait for it or use another --out"
+                                      ) from None
             raise
         return self
 

@@ -34,7 +34,8 @@ import numpy as np
 from jaxflow.data.datasets.questions import template_question
 from jaxflow.evaluation.cliff import REPORT_HTML, build_summary, load_summary, plot_curve, write_report, write_summary
 from jaxflow.evaluation.records import (CURVE_PNG, PREDICTIONS, EvaluationError, PredictionLog, RunLock,
-                                        open_run_dir, precheck_run_dir, unique_records)
+                                        host_predictions, known_records, merge_predictions, open_run_dir,
+                                        precheck_run_dir, read_records, unique_records)
 
 log = logging.getLogger("jaxflow.evaluation")
 
@@ -60,8 +61,10 @@ class EvalConfig:
     toy_caption: n). template None: the checkpoint's own (``pipeline.default_template``). epsilon:
     the cliff tolerance. protocol: the scoring protocol of the summary (llava | lmms | corrected,
     `jaxflow.metrics`); it does not change the predictions, so saved predictions can be rescored
-    under another with `rescore_run`. Only batch_size, epsilon, length_bucket, progress, protocol and
-    overwrite may change between a run and its resumption; the rest must match run.json.
+    under another with `rescore_run`. mesh: shard the model over this process's devices,
+    "data:N,model:M" (`jaxflow.sharding.make_mesh`; None: one device); sharding: its rules, tp | fsdp.
+    Only batch_size, epsilon, length_bucket, progress, protocol, mesh, sharding and overwrite may
+    change between a run and its resumption; the rest must match run.json.
     """
 
     dataset: str
@@ -84,6 +87,8 @@ class EvalConfig:
     length_bucket: int = 16
     progress: bool = True
     protocol: str = "llava"
+    mesh: str | None = None
+    sharding: str = "tp"
 
 
 @dataclasses.dataclass
@@ -197,9 +202,22 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.template is not None and cfg.template not in TEMPLATES:
         raise EvaluationError(f"--template must be one of {', '.join(TEMPLATES)}, got {cfg.template!r}")
     _check_protocol(cfg.protocol)
+    _check_mesh(cfg.mesh, cfg.sharding)
     if cfg.dataset == "scienceqa" and cfg.options.get("with_text_only"):
         raise EvaluationError("with_text_only: the runner evaluates problems with an image; score text-only "
                               "problems' predictions with jaxflow.metrics.score")
+
+
+def _check_mesh(mesh, sharding) -> None:
+    from jaxflow.sharding import RULES, MeshError, parse_mesh
+
+    if sharding not in RULES:
+        raise EvaluationError(f"--sharding must be one of {', '.join(RULES)}, got {sharding!r}")
+    if mesh is not None:
+        try:
+            parse_mesh(mesh)
+        except MeshError as e:
+            raise EvaluationError(str(e)) from None
 
 
 def _check_protocol(protocol) -> None:
@@ -432,15 +450,18 @@ def run_params(cfg: EvalConfig, ds, max_new_tokens: int, num_layers: int | None 
 def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], None] | None = None) -> EvalResult:
     """Evaluate (or resume evaluating) one data set; writes predictions.jsonl as it goes, then
     summary.json, summary.csv and the figure. ``bundle``: an already loaded model bundle (its
-    checkpoint must be cfg.checkpoint). ``on_batch(info)`` is called after each batch is on disk
-    (info: batch, n_batches, items_done, n_items, records_written); an exception raised there stops
-    the run like a kill would (the batches written so far stay)."""
-    from jaxflow.metrics import PRIMARY_METRIC
-
+    checkpoint must be cfg.checkpoint; sharded on cfg.mesh when given). ``on_batch(info)`` is called
+    after each batch is on disk (info: batch, n_batches, items_done, n_items, records_written); an
+    exception raised there stops the run like a kill would (the batches written so far stay).
+    With several processes (``jax.process_count() > 1``) each runs its share of the batches and
+    process 0 writes the shared files (`_run_multihost`)."""
     check_config(cfg)
     _template(cfg)  # a missing embedded checkpoint fails here, before anything is written
     out = cfg.out or default_out(cfg)
     max_new = int(cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[cfg.dataset])
+    index, count = process_grid()
+    if count > 1:
+        return _run_multihost(cfg, out, max_new, bundle, on_batch, index, count)
     # A refused run changes nothing: its settings are compared with the folder's run before the lock,
     # and the generated data sets are (re)written only under the lock, after the data-independent
     # settings have been checked again.
@@ -448,39 +469,53 @@ def run_evaluation(cfg: EvalConfig, *, bundle=None, on_batch: Callable[[dict], N
         precheck_run_dir(out, run_params(cfg, None, max_new))
     os.makedirs(out, exist_ok=True)
     with RunLock(out):
-        if not cfg.overwrite:
-            precheck_run_dir(out, run_params(cfg, None, max_new))
-        ds = _load_data(cfg, out)
-        if not cfg.overwrite:  # refuse a different run before spending time on loading the model
-            precheck_run_dir(out, run_params(cfg, ds, max_new))
-        records, skipped, seconds, todo, bundle, params, record_layers, files, items, L = _evaluate_locked(
-            cfg, out, ds, max_new, bundle, on_batch)
+        ds = _load_checked(cfg, out, max_new)
+        run = _open_run(cfg, out, ds, max_new, bundle, processes=1)
+        merge_predictions(out, run.order)  # per-host files a multi-host run left behind (usually none)
+        shard = _run_shard(cfg, run, run.files["predictions"], 0, 1, on_batch)
+    return _finish(cfg, out, run, shard.records, shard.skipped, shard.items_run, shard.seconds)
 
+
+def _load_checked(cfg: EvalConfig, out: str, max_new: int):
+    """The data set, (re)written under the run folder's lock only once the settings that need no
+    data match the folder's run; then the data-dependent ones are checked (before the model loads)."""
+    if not cfg.overwrite:
+        precheck_run_dir(out, run_params(cfg, None, max_new))
+    ds = _load_data(cfg, out)
+    if not cfg.overwrite:
+        precheck_run_dir(out, run_params(cfg, ds, max_new))
+    return ds
+
+
+def _finish(cfg, out, run, records, skipped, n_run, seconds) -> EvalResult:
+    """Scores the run's records and writes summary.json, summary.csv, the figure and report.html."""
+    from jaxflow.metrics import PRIMARY_METRIC
+
+    items, record_layers, ds, files = run.ds.items, run.record_layers, run.ds, dict(run.files)
     done = unique_records(records)
     scored = [it for it in items if all((it.id, k) in done for k in record_layers)]
     missing = len(items) - len(scored)
     if missing and not skipped:
         raise EvaluationError(f"{missing} item(s) have no prediction after the run; re-run to resume")
     if cfg.dataset == "textvqa" and scored and not any(it.answers for it in scored):
-        return _submission_result(cfg, out, bundle, L, record_layers, records, scored, params, files, todo,
-                                  seconds, skipped)
+        return _submission_result(cfg, out, run.bundle, run.L, record_layers, records, scored, run.params, files,
+                                  n_run, seconds, skipped)
     metrics = score_run(cfg.dataset, records, scored, record_layers, cfg.protocol)
-    summary = build_summary(dataset=cfg.dataset, model=bundle.name, num_layers=L, layers=record_layers,
+    summary = build_summary(dataset=cfg.dataset, model=run.bundle.name, num_layers=run.L, layers=record_layers,
                             metrics_per_layer=metrics, primary_metric=PRIMARY_METRIC[cfg.dataset],
                             epsilon=float(cfg.epsilon), n_items=len(scored), sweep=sweep_tag(cfg.sweep),
-                            params=params, extra={"protocol": cfg.protocol,
-                                                  "skipped_at_run_time": [list(s) for s in skipped],
-                                                  "load_stats": {"records": ds.stats.records,
-                                                                 "skipped": ds.stats.skipped,
-                                                                 "filtered": ds.stats.filtered}})
+                            params=run.params, extra={"protocol": cfg.protocol,
+                                                      "skipped_at_run_time": [list(s) for s in skipped],
+                                                      "load_stats": {"records": ds.stats.records,
+                                                                     "skipped": ds.stats.skipped,
+                                                                     "filtered": ds.stats.filtered}})
     write_summary(out, summary)
     plot_curve(summary, files["figure"])
-    files["report"] = _write_report(cfg, out, summary, bundle, scored, records, record_layers, files)
-    n_run = sum(len(b) for b in todo)
+    files["report"] = _write_report(cfg, out, summary, run.bundle, scored, records, record_layers, files)
     return EvalResult(summary=summary, out=out, files=files, items_run=n_run, seconds=seconds, skipped=skipped)
 
 
-def _submission_result(cfg, out, bundle, L, record_layers, records, items, params, files, todo, seconds,
+def _submission_result(cfg, out, bundle, L, record_layers, records, items, params, files, n_run, seconds,
                        skipped) -> EvalResult:
     """A split without answers (TextVQA test): no score, but the EvalAI upload file per cut layer K,
     submission_K{K}.json, and submission.json for the untruncated model (K = L)."""
@@ -502,8 +537,7 @@ def _submission_result(cfg, out, bundle, L, record_layers, records, items, param
     write_json_atomic(files["summary_json"], summary)
     files = {k: v for k, v in files.items() if k in ("predictions", "run", "summary_json")}
     files["submission"] = subs[L] if L in subs else next(iter(subs.values()))
-    return EvalResult(summary=summary, out=out, files=files, items_run=sum(len(b) for b in todo), seconds=seconds,
-                      skipped=skipped)
+    return EvalResult(summary=summary, out=out, files=files, items_run=n_run, seconds=seconds, skipped=skipped)
 
 
 def rescore_run(out: str, protocol: str, *, data_dir: str | None = None, image_dir: str | None = None,
@@ -598,48 +632,293 @@ def _write_report(cfg, out, summary, bundle, items, records, record_layers, file
                         unknown=unknown, examples=(header, rows) if rows else None)
 
 
-def _evaluate_locked(cfg, out, ds, max_new, bundle, on_batch):
-    """The part of `run_evaluation` that runs under the run folder's lock: load the model, open the
-    run folder, run the batches still to do. Returns what the summary needs."""
+@dataclasses.dataclass
+class _Run:
+    """What every process of a run shares: the model, the items, the cut layers, the batch plan."""
+
+    bundle: object
+    ds: object
+    params: dict
+    layers: list | None  # None: --sweep none
+    record_layers: list
+    max_new: int
+    plan: list  # item indices per batch, for the whole run
+    files: dict
+    resumed: int = 0
+
+    @property
+    def L(self) -> int:
+        return int(self.bundle.config.text.num_layers)
+
+    @property
+    def order(self) -> list[tuple[str, int]]:
+        """Every (id, K) of the run, in item order."""
+        return [(str(it.id), int(k)) for it in self.ds.items for k in self.record_layers]
+
+    @property
+    def digest(self) -> str:
+        """The parameters and the batch plan in a few characters: equal on every process of a run."""
+        text = json.dumps([self.params, self.plan], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class _Shard:
+    records: list  # the records of the file this process appended to
+    skipped: list
+    items_run: int
+    seconds: float
+
+
+def _mesh(cfg: EvalConfig):
+    """cfg.mesh over this process's devices, or None."""
+    if not cfg.mesh:
+        return None
+    from jaxflow.sharding import MeshError, make_mesh
+
+    try:
+        return make_mesh(cfg.mesh)
+    except MeshError as e:
+        raise EvaluationError(str(e)) from None
+
+
+def _load_model(cfg: EvalConfig, bundle):
+    """The bundle to run: cfg.checkpoint loaded (sharded on cfg.mesh), or the caller's (its template
+    set to the run's, sharded on cfg.mesh when given)."""
     from jaxflow.pipeline import load_bundle
 
+    mesh = _mesh(cfg)
     if bundle is None:
         from jaxflow.convert import CheckpointError
 
         try:
-            bundle = load_bundle(cfg.checkpoint, template=_template(cfg), dtype=cfg.dtype)
+            return load_bundle(cfg.checkpoint, template=_template(cfg), dtype=cfg.dtype, mesh=mesh, rules=cfg.sharding)
         except CheckpointError as e:
             raise EvaluationError(str(e)) from None
-    elif bundle.template != _template(cfg):
+    if bundle.template != _template(cfg):
         bundle = dataclasses.replace(bundle, template=_template(cfg))
+    if mesh is not None:
+        from jaxflow.sharding import shard
+
+        bundle = dataclasses.replace(bundle, model=shard(bundle.model, mesh, cfg.sharding))
+    return bundle
+
+
+def _plan_run(cfg: EvalConfig, out: str, ds, max_new: int, bundle) -> _Run:
+    """The run's parameters and batch plan (the same on every process; nothing is written)."""
     L = int(bundle.config.text.num_layers)
     layers = resolve_layers(cfg.sweep, L)
-    record_layers = layers if layers is not None else [L]
-    params = run_params(cfg, ds, max_new, L)
-    items = ds.items
     files = {"predictions": os.path.join(out, PREDICTIONS), "run": os.path.join(out, "run.json"),
              "summary_json": os.path.join(out, "summary.json"), "summary_csv": os.path.join(out, "summary.csv"),
              "figure": os.path.join(out, CURVE_PNG)}
+    plan = plan_batches(prompt_lengths(bundle, ds.items), cfg.batch_size)
+    return _Run(bundle, ds, run_params(cfg, ds, max_new, L), layers, layers if layers is not None else [L], max_new,
+                plan, files)
+
+
+def _open_run(cfg: EvalConfig, out: str, ds, max_new: int, bundle, processes: int) -> _Run:
+    """Load the model and create or reopen the run folder (run.json; --overwrite deletes the old
+    run's files). Only process 0 calls it."""
+    run = _plan_run(cfg, out, ds, max_new, _load_model(cfg, bundle))
     if cfg.overwrite and os.path.isfile(os.path.join(out, REPORT_HTML)):  # the old run's report goes with its files
         os.remove(os.path.join(out, REPORT_HTML))
-    info = open_run_dir(out, params, overwrite=cfg.overwrite, extra={"batch_size": int(cfg.batch_size)})
-    with PredictionLog(files["predictions"]) as plog:
-        ids = {it.id for it in items}
-        stray = [r for r in plog.records if r["id"] not in ids or int(r["K"]) not in record_layers]
-        if stray:
-            raise EvaluationError(f"{files['predictions']} has records of other items or layers (e.g. id "
-                                  f"{stray[0]['id']!r}, K {stray[0]['K']}): use --overwrite to start over")
-        lengths = prompt_lengths(bundle, items)
-        plan = plan_batches(lengths, cfg.batch_size)
-        todo = [b for b in plan if any((items[i].id, k) not in plog.done for i in b for k in record_layers)]
-        n_done = len(items) - sum(len(b) for b in todo)
-        if info["resumed"]:
-            log.info("%s: resuming: %d of %d items done, %d batch(es) to go", out, n_done, len(items), len(todo))
+    start = {"batch_size": int(cfg.batch_size)}
+    if processes > 1:
+        start["processes"] = int(processes)
+    if cfg.mesh:
+        start.update(mesh=cfg.mesh, sharding=cfg.sharding)
+    run.resumed = open_run_dir(out, run.params, overwrite=cfg.overwrite, extra=start)["resumed"]
+    return run
+
+
+def _check_stray(where: str, records, run: _Run) -> None:
+    ids = {it.id for it in run.ds.items}
+    stray = [r for r in records if r["id"] not in ids or int(r["K"]) not in run.record_layers]
+    if stray:
+        raise EvaluationError(f"{where} has records of other items or layers (e.g. id {stray[0]['id']!r}, "
+                              f"K {stray[0]['K']}): use --overwrite to start over")
+
+
+def _run_shard(cfg: EvalConfig, run: _Run, path: str, index: int, count: int, on_batch) -> _Shard:
+    """Run the batches of process `index` of `count` (plan[index::count]) that miss a record,
+    appending to `path`. Done: the records of `path` and, with several processes, those of
+    predictions.jsonl and of the other per-host files (so nothing is generated twice)."""
+    items = run.ds.items
+    known = known_records(os.path.dirname(path), skip=path) if count > 1 else []
+    _check_stray(os.path.dirname(path) if known else path, known, run)
+    with PredictionLog(path) as plog:
+        _check_stray(path, plog.records, run)
+        plog.done.update((str(r["id"]), int(r["K"])) for r in known)
+        mine = run.plan[index::count]
+        todo = [b for b in mine if any((items[i].id, k) not in plog.done for i in b for k in run.record_layers)]
+        total = sum(len(b) for b in mine)
+        n_done = total - sum(len(b) for b in todo)
+        if run.resumed:
+            log.info("%s: resuming: %d of %d items done, %d batch(es) to go", path, n_done, total, len(todo))
         t0 = time.perf_counter()
-        skipped = _run_batches(cfg, bundle, items, todo, layers, record_layers, max_new, plog, n_done, on_batch)
+        desc = f"{cfg.dataset} ({sweep_tag(cfg.sweep)})" + (f" process {index}/{count}" if count > 1 else "")
+        skipped = _run_batches(cfg, run.bundle, items, todo, run.layers, run.record_layers, run.max_new, plog, n_done,
+                               on_batch, total=total, desc=desc)
         seconds = time.perf_counter() - t0
         records = list(plog.records)
-    return records, skipped, seconds, todo, bundle, params, record_layers, files, items, L
+    return _Shard(records, skipped, sum(len(b) for b in todo), seconds)
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def process_grid() -> tuple[int, int]:
+    """(this process's index, the number of processes): (0, 1) unless jax.distributed is initialised."""
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def host_lock(index: int, count: int) -> str:
+    """The lock file process `index` (> 0) of a multi-host run holds (process 0 holds .lock)."""
+    return f".lock.host{index}-of-{count}"
+
+
+class HostSync:
+    """Messages between the processes of one multi-host run through the key-value store of
+    jax.distributed's coordinator (no cross-process collectives, so it works on CPU too): process 0
+    publishes "ready" (the run folder is open) and "finished", every other process "done/{i}". Each
+    key is set once per launch (the store lives with the coordinator); a value is a JSON object,
+    with "error" when the sender stopped."""
+
+    PREFIX = "jaxflow/evaluate/"
+    POLL_MS = 10_000
+
+    def __init__(self):
+        from jax._src import distributed
+
+        self._client = distributed.global_state.client
+        if self._client is None:
+            raise EvaluationError("several jax processes but no jax.distributed client: call "
+                                  "jax.distributed.initialize() first (scripts: --distributed)")
+        self._sent: set[str] = set()
+
+    def publish(self, key: str, value: dict) -> None:
+        """Set `key` (once: later calls with the same key do nothing)."""
+        if key in self._sent:
+            return
+        self._sent.add(key)
+        self._client.key_value_set(self.PREFIX + key, json.dumps(value))
+
+    def wait(self, key: str, what: str) -> dict:
+        """The value of `key`, waiting as long as it takes (a process that dies takes the others down
+        with it: jax.distributed's heartbeats)."""
+        t0 = time.monotonic()
+        while True:
+            try:
+                return json.loads(self._client.blocking_key_value_get(self.PREFIX + key, self.POLL_MS))
+            except Exception as e:  # jax.errors.JaxRuntimeError; a timeout is DEADLINE_EXCEEDED
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+            log.info("waiting for %s (%.0f s)", what, time.monotonic() - t0)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _run_multihost(cfg, out, max_new, bundle, on_batch, index, count) -> EvalResult:
+    """One process of a multi-host run. Every process computes the same batch plan and runs batches
+    index, index + count, ... into its own predictions.host{index}-of-{count}.jsonl; process 0 alone
+    writes the shared files: it opens the run folder (run.json, --overwrite, the generated data)
+    before the others start, waits for every process to finish, merges the per-host files into
+    predictions.jsonl and writes the summary. A process that stops tells the others (HostSync)."""
+    sync = HostSync()
+    try:
+        if index == 0:
+            return _lead_process(cfg, out, max_new, bundle, on_batch, sync, count)
+        return _other_process(cfg, out, max_new, bundle, on_batch, sync, index, count)
+    except BaseException as e:
+        msg = {"error": _first_line(e)}
+        try:
+            for key in (("ready", "finished") if index == 0 else (f"done/{index}",)):
+                sync.publish(key, msg)
+        except Exception:  # the coordinator is gone: the others stop anyway
+            pass
+        raise
+
+
+def _lead_process(cfg, out, max_new, bundle, on_batch, sync, count) -> EvalResult:
+    """Process 0: open the run folder, say "ready", run its batches, wait for every "done/{i}",
+    merge, write the summary, say "finished"."""
+    if not cfg.overwrite:
+        precheck_run_dir(out, run_params(cfg, None, max_new))
+    os.makedirs(out, exist_ok=True)
+    with RunLock(out):
+        ds = _load_checked(cfg, out, max_new)
+        run = _open_run(cfg, out, ds, max_new, bundle, processes=count)
+        sync.publish("ready", {"plan": run.digest})
+        shard = _run_shard(cfg, run, host_predictions(out, 0, count), 0, count, on_batch)
+        skipped = list(shard.skipped)
+        for j in range(1, count):
+            msg = sync.wait(f"done/{j}", f"process {j} to finish its batches")
+            if "error" in msg:
+                raise EvaluationError(f"process {j} stopped: {msg['error']} (the batches written so far are kept: "
+                                      "re-run every process to resume)")
+            skipped += [tuple(x) for x in msg.get("skipped", [])]
+        merge_predictions(out, run.order)
+        records = read_records(run.files["predictions"])
+    res = _finish(cfg, out, run, records, skipped, shard.items_run, shard.seconds)
+    sync.publish("finished", {"ok": True})
+    return res
+
+
+def _other_process(cfg, out, max_new, bundle, on_batch, sync, index, count) -> EvalResult:
+    """Process index > 0: load the model, wait for "ready", check its run against process 0's, run
+    its batches, say "done/{index}", wait for "finished"; writes only its own per-host file."""
+    import tempfile
+
+    if not cfg.overwrite:
+        precheck_run_dir(out, run_params(cfg, None, max_new))
+    os.makedirs(out, exist_ok=True)
+    with RunLock(out, host_lock(index, count)), tempfile.TemporaryDirectory(prefix="jaxflow-eval-") as tmp:
+        bundle = _load_model(cfg, bundle)  # meanwhile process 0 opens the run folder
+        ready = sync.wait("ready", "process 0 to open the run folder")
+        if "error" in ready:
+            raise EvaluationError(f"process 0 stopped: {ready['error']}")
+        ds = _load_data(cfg, tmp)  # generated data: this process's own copy (process 0 writes the folder's)
+        run = _plan_run(cfg, out, ds, max_new, bundle)
+        _check_same_run(out, run, index)
+        if run.digest != ready["plan"]:
+            raise EvaluationError(f"process {index} plans other batches than process 0 (another --batch_size or "
+                                  "other data?): give every process the same flags")
+        shard = _run_shard(cfg, run, host_predictions(out, index, count), index, count, on_batch)
+        sync.publish(f"done/{index}", {"skipped": [list(x) for x in shard.skipped], "items_run": shard.items_run})
+    fin = sync.wait("finished", "process 0 to merge the predictions and write the summary")
+    if "error" in fin:
+        raise EvaluationError(f"process 0 stopped: {fin['error']}")
+    return _result_on_disk(out, run, shard)
+
+
+def _check_same_run(out: str, run: _Run, index: int) -> None:
+    """Process `index`'s parameters against the run.json process 0 has just written."""
+    from jaxflow.evaluation.records import RUN_JSON, _read_run_json, param_differences
+
+    diffs = param_differences(_read_run_json(os.path.join(out, RUN_JSON))["params"], json.loads(json.dumps(run.params)))
+    if diffs:
+        raise EvaluationError(f"process {index} was given other settings than process 0 ({'; '.join(diffs)}): "
+                              "give every process the same flags")
+
+
+def _result_on_disk(out: str, run: _Run, shard: _Shard) -> EvalResult:
+    """The EvalResult of a process other than 0: process 0's summary, this process's own counts."""
+    files = dict(run.files)
+    with open(files["summary_json"], encoding="utf-8") as f:
+        summary = json.load(f)
+    if "submission" in summary:
+        files = {k: v for k, v in files.items() if k in ("predictions", "run", "summary_json")}
+        name = summary["submission"].get(str(run.L)) or next(iter(summary["submission"].values()))
+        files["submission"] = os.path.join(out, name)
+    else:
+        files["report"] = os.path.join(out, REPORT_HTML)
+    return EvalResult(summary=summary, out=out, files=files, items_run=shard.items_run, seconds=shard.seconds,
+                      skipped=shard.skipped)
 
 
 def _prepare_checked(cfg, bundle, batch_items, rows, skip_bad):
@@ -669,12 +948,14 @@ def _prepare_checked(cfg, bundle, batch_items, rows, skip_bad):
                              pad_square=cfg.pad_square), bad
 
 
-def _run_batches(cfg, bundle, items, todo, layers, record_layers, max_new, plog, n_done, on_batch):
+def _run_batches(cfg, bundle, items, todo, layers, record_layers, max_new, plog, n_done, on_batch, *,
+                 total=None, desc=None):
     from tqdm import tqdm
 
     skipped = []
     rows = int(cfg.batch_size)
-    bar = tqdm(total=len(items), initial=n_done, unit="item", desc=f"{cfg.dataset} ({sweep_tag(cfg.sweep)})",
+    total = len(items) if total is None else total
+    bar = tqdm(total=total, initial=n_done, unit="item", desc=desc or f"{cfg.dataset} ({sweep_tag(cfg.sweep)})",
                disable=not cfg.progress or not todo, dynamic_ncols=True, smoothing=0.1)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxflow-eval-prefetch")
     try:
@@ -698,7 +979,7 @@ def _run_batches(cfg, bundle, items, todo, layers, record_layers, max_new, plog,
                 written = plog.append(recs)
             bar.update(len(b))
             if on_batch is not None:
-                on_batch({"batch": bi, "n_batches": len(todo), "items_done": bar.n, "n_items": len(items),
+                on_batch({"batch": bi, "n_batches": len(todo), "items_done": bar.n, "n_items": total,
                           "records_written": written})
     finally:
         bar.close()
