@@ -6,7 +6,8 @@ out of attention for the positions that predict the answer (`jaxflow.knockout`: 
 queries do not attend to those keys; positions unchanged). A faithful map makes the curve fall fast
 (small area under it); a random order is the baseline. Every step of every ranking of a batch runs
 in one jit program: one clean forward, then each variant recomputes only the answer's rows (the
-rows from the last prompt position on) against the clean keys and values of the rows before.
+rows from the last prompt position on) against the clean keys and values of the rows before, shared
+by every variant (`knockout._suffix_layers`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflow.analysis.knockout import ROW_BUCKET, _bool, _clean_jit
+from jaxflow.analysis.knockout import ROW_BUCKET, _bool, _clean_jit, _suffix_inputs, _suffix_layers
 from jaxflow.forward import _check_impl, validate_inputs
 
 
@@ -46,22 +47,21 @@ def predicting_mask(answer_mask) -> np.ndarray:
     return pred
 
 
-@partial(jax.jit, static_argnames=("t0", "impl", "chunk"))
-def _deletion_jit(model, x, cos, sin, allowed, cache, keys, queries, answer_ids, pred_rows, *, t0, impl, chunk):
+@partial(jax.jit, static_argnames=("t0", "chunk"))
+def _deletion_jit(model, x, cos, sin, allowed, cache, keys, queries, answer_ids, pred_rows, *, t0, chunk):
     """keys (V, B, T) bool per variant; queries (B, T) bool (rows >= t0); answer_ids (B, A) the tokens predicted at
     pred_rows (B, A) (-1: none). Returns the answer's probability (V, B)."""
     lm = model.language_model
     L = model.config.text.num_layers
-    xs, cs, ss, als = x[:, t0:], cos[:, t0:], sin[:, t0:], allowed[:, t0:]
+    xs, cs, ss, als, pre_k, pre_v = _suffix_inputs(x, cos, sin, allowed, cache, t0)
     bidx = jnp.arange(x.shape[0])[:, None]
     valid = pred_rows >= 0
     rows = jnp.where(valid, pred_rows - t0, 0)
     every_layer = jnp.ones((L,), bool)
 
     def one(k):
-        out = lm.run_layers(xs, cs, ss, als, impl=impl, cache=cache, write_index=t0,
-                            knockout=(queries[:, t0:], k, every_layer))
-        logp = jax.nn.log_softmax(lm.logits(out.hidden[bidx, rows]))  # (B, A, V)
+        h = _suffix_layers(lm, xs, cs, ss, als, pre_k, pre_v, queries[:, t0:, None] & k[:, None, :], every_layer)
+        logp = jax.nn.log_softmax(lm.logits(h[bidx, rows]))  # (B, A, V)
         tok = jnp.take_along_axis(logp, jnp.maximum(answer_ids, 0)[..., None], -1)[..., 0]  # (B, A)
         return jnp.exp(jnp.where(valid, tok, 0.0).sum(-1))  # (B,)
 
@@ -133,7 +133,7 @@ def deletion_curves(model, input_ids, pixel_values, attention_mask, answer_mask,
                                                    jnp.full((b,), -1, jnp.int32), jnp.asarray(last), impl=attn_impl)
     V = len(names) * (steps + 1)
     p = _deletion_jit(model, x, cos, sin, allowed, cache, jnp.asarray(keys.reshape(V, b, t)), jnp.asarray(q_mask),
-                      jnp.asarray(toks), jnp.asarray(rows), t0=t0, impl=attn_impl, chunk=max(1, min(int(chunk), V)))
+                      jnp.asarray(toks), jnp.asarray(rows), t0=t0, chunk=max(1, min(int(chunk), V)))
     probs = np.asarray(p, np.float64).reshape(len(names), steps + 1, b)
     return DeletionCurves(names=names, fractions=fractions, probs=probs, base=probs[0, 0].copy())
 

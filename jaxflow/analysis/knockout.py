@@ -10,8 +10,9 @@ in that window, batched: no Python loop of forwards.
 
 Why the sweep is cheap: cutting edges whose queries start at position t0 cannot change any row before
 t0 (attention is causal), so the clean forward runs once, keeping its keys and values, and each
-variant recomputes only the rows from t0 on against the clean prefix (for ->Last paths a single row
-per layer), in chunks of variants (`chunk`) that bound the memory.
+variant recomputes only the rows from t0 on (for ->Last paths a single row per layer),
+attending to [clean prefix ++ its own rows' keys]: the prefix is broadcast into the attention, never
+copied per variant (as in the truncation sweep). Variants run in chunks (`chunk`) that bound the memory.
 """
 from __future__ import annotations
 
@@ -21,8 +22,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxflow.analysis.truncation import _variant_attention
 from jaxflow.forward import ForwardOutput, _check_impl, causal_allowed, forward_core, validate_inputs
+from jaxflow.models.layers import attend
+from jaxflow.models.llama import decoder_layer
+from jaxflow.sharding import constrain_rows
 
 STANDARD_PATHS = ("image->question", "image->last", "question->last")
 # The first recomputed row is rounded down to a multiple of this: recomputing a few unaffected rows
@@ -148,18 +154,54 @@ def _clean_jit(model, input_ids, images, attention_mask, targets, score_rows, *,
     return x, cos, sin, allowed, cache, base, tgt
 
 
-@partial(jax.jit, static_argnames=("t0", "impl", "chunk"))
-def _variants_jit(model, x, cos, sin, allowed, cache, ko_q, ko_k, ko_layers, targets, score_rows, *, t0, impl, chunk):
+def _suffix_layers(lm, x, cos, sin, allowed, pre_k, pre_v, cut, cut_layers):
+    """The decoder stack on the rows from t0 on against the clean keys and values of the rows before,
+    which are broadcast into the attention (`truncation._variant_attention`), never copied.
+
+    x (B, Q, D) rows t0..T-1; cos/sin (B, Q, hd) or (B, Q, 2, hd); allowed (B, Q, T) bool;
+    pre_k/v (L, B, t0, KVH, hd); cut (B, Q, T) bool edges knocked out in the layers with
+    cut_layers (L,) bool. Returns the last layer's output (B, Q, D).
+    """
+    graphdef, state = nnx.split(lm.layers)
+    scale = lm.cfg.head_dim ** -0.5
+    t0 = pre_k.shape[2]
+
+    def body(h, xs_l):
+        ok = allowed & ~(cut & cut_layers[xs_l["l"]])  # (B, Q, T)
+
+        def attention(q, k, v):  # q (B, Q, H, hd), k/v (B, Q, KVH, hd) -> (B, Q, H, hd)
+            if t0 == 0:  # no clean prefix: the rows read their own keys only
+                return attend(q, k, v, ok, impl="reference", scale=scale)
+            o = _variant_attention(q[None], k[None], v[None], ok[None, :, :, t0:], xs_l["pre_k"], xs_l["pre_v"],
+                                   ok[None, :, :, :t0], scale)
+            return o[0]
+
+        h_out, _, _ = decoder_layer(nnx.merge(graphdef, xs_l["layer"]), h, cos, sin, attention)
+        return h_out, None
+
+    xs = {"layer": state, "l": jnp.arange(pre_k.shape[0]), "pre_k": pre_k, "pre_v": pre_v}
+    h, _ = jax.lax.scan(body, constrain_rows(x, lm.mesh), xs)
+    return constrain_rows(h, lm.mesh)
+
+
+def _suffix_inputs(x, cos, sin, allowed, cache, t0: int):
+    """What every variant shares: the rows from t0 on, x (B, Q, D), cos/sin (B, Q, ...), allowed
+    (B, Q, T), and the clean prefix's keys and values pre_k/v (L, B, t0, KVH, hd)."""
+    return x[:, t0:], cos[:, t0:], sin[:, t0:], allowed[:, t0:], cache["k"][:, :, :t0], cache["v"][:, :, :t0]
+
+
+@partial(jax.jit, static_argnames=("t0", "chunk"))
+def _variants_jit(model, x, cos, sin, allowed, cache, ko_q, ko_k, ko_layers, targets, score_rows, *, t0, chunk):
     """Each variant (ko_q, ko_k (V, B, T) bool; ko_layers (V, L) bool) recomputes rows t0.. against the
     clean keys and values of rows before t0. Returns the targets' probabilities (V, B)."""
     lm = model.language_model
     bidx = jnp.arange(x.shape[0])
-    xs, cs, ss, als = x[:, t0:], cos[:, t0:], sin[:, t0:], allowed[:, t0:]
+    xs, cs, ss, als, pre_k, pre_v = _suffix_inputs(x, cos, sin, allowed, cache, t0)
 
     def one(args):
         q, k, lay = args
-        out = lm.run_layers(xs, cs, ss, als, impl=impl, cache=cache, write_index=t0, knockout=(q[:, t0:], k, lay))
-        h = out.hidden[bidx, score_rows - t0]  # (B, D)
+        h = _suffix_layers(lm, xs, cs, ss, als, pre_k, pre_v, q[:, t0:, None] & k[:, None, :], lay)
+        h = h[bidx, score_rows - t0]  # (B, D)
         return jax.nn.log_softmax(lm.logits(h[:, None])[:, 0])[bidx, targets]  # (B,)
 
     return jnp.exp(jax.lax.map(one, (ko_q, ko_k, ko_layers), batch_size=chunk))
@@ -189,7 +231,8 @@ def knockout_sweep(model, input_ids, pixel_values, attention_mask, paths: dict, 
     window: layers per window (default `default_window(L)`: 9 for 32 layers). targets (B,) int: the
     token whose probability is read (default: the clean forward's greedy token at the scored
     position); score_positions (B,) int: the position whose next-token distribution is read
-    (default: each row's last real token). chunk: variants computed together (memory).
+    (default: each row's last real token). chunk: variants computed together (memory). attn_impl:
+    the clean forward's attention; the variants' few rows use an explicit float32 softmax.
     """
     _check_impl(attn_impl)
     ids, mask = validate_inputs(model, input_ids, pixel_values, attention_mask, **image_kw)
@@ -231,7 +274,7 @@ def knockout_sweep(model, input_ids, pixel_values, attention_mask, paths: dict, 
         ko_l = np.tile(lay, (len(members), 1))  # (V, L)
         V = len(ko_l)
         p = _variants_jit(model, x, cos, sin, allowed, cache, jnp.asarray(ko_q), jnp.asarray(ko_k), jnp.asarray(ko_l),
-                          tgt, rows_j, t0=t0, impl=attn_impl, chunk=max(1, min(int(chunk), V)))
+                          tgt, rows_j, t0=t0, chunk=max(1, min(int(chunk), V)))
         probs[members] = np.asarray(p, np.float64).reshape(len(members), len(starts), -1)
     return KnockoutSweep(paths=names, starts=starts, window=window, probs=probs, base=np.asarray(base, np.float64),
                          targets=np.asarray(tgt), positions=rows)
