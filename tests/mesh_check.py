@@ -90,11 +90,59 @@ def entry_points(model, ids, mask, pixels, answer) -> dict[str, np.ndarray]:
     return {k: np.asarray(getattr(v, "shares", v), np.float64) for k, v in out.items()}
 
 
+def families_report(shape=(2, 4)) -> dict:
+    """The other families (tiny checkpoints of jaxflow.tiny, two prompts on the demo image): forward,
+    the truncation sweep and CAM on a mesh against one device."""
+    import jaxflow
+    from jaxflow import sharding as S
+    from jaxflow import tiny
+    from jaxflow.pipeline import encode, load_bundle
+
+    image = os.path.join(jaxflow.__path__[0], "assets", "demo.png")
+    out = {}
+    with tempfile.TemporaryDirectory() as work:
+        paths = {"internvl": tiny.save_tiny_internvl_checkpoint(os.path.join(work, "iv")),
+                 "qwen2_vl": tiny.save_tiny_qwen2_vl_checkpoint(os.path.join(work, "q2"), "qwen2_vl"),
+                 "qwen2_5_vl": tiny.save_tiny_qwen2_vl_checkpoint(os.path.join(work, "q25"), "qwen2_5_vl"),
+                 "qwen_vl": tiny.save_tiny_qwen_vl_checkpoint(os.path.join(work, "q1"))}
+        for family, path in paths.items():
+            one = load_bundle(path)
+            b, enc = encode(one, [image, image], ["Is there a red circle?", "What colour is the square?"],
+                            with_images=True)
+            answer = np.zeros(b.input_ids.shape, bool)
+            answer[:, -1] = True
+
+            def run(m):
+                args = (b.input_ids, enc.pixel_values, b.attention_mask)
+                return {"forward": jaxflow.forward(m, *args, **enc.image_kw).logits,
+                        "truncation_sweep": jaxflow.truncation_sweep(m, *args, **enc.image_kw).logits,
+                        "cam": jaxflow.llava_cams(m, b.input_ids, enc.pixel_values, answer,
+                                                  attention_mask=b.attention_mask, **enc.image_kw).raw["gradxact"]}
+
+            want = {k: np.asarray(v, np.float64) for k, v in run(one.model).items()}
+            model = jaxflow.load(path, mesh=S.make_mesh(shape, jax_devices()[:shape[0] * shape[1]]))
+            got = {k: np.asarray(v, np.float64) for k, v in run(model).items()}
+            out[family] = {"params": S.sharding_summary(model),
+                           "diff": {n: float(np.abs(got[n] - want[n]).max()) for n in want},
+                           "scale": {n: float(np.abs(want[n]).max()) for n in want}}
+    return out
+
+
+def jax_devices():
+    import jax
+
+    return jax.devices()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--meshes", default="8x1,4x2,2x4,2x4:fsdp", help="data x model[:rules], comma separated")
     ap.add_argument("--checkpoint", default=None, help="a jaxflow checkpoint (default: build the tiny LLaVA)")
+    ap.add_argument("--families", action="store_true", help="instead: the other families on a 2x4 mesh")
     args = ap.parse_args(argv)
+    if args.families:
+        print(json.dumps(families_report()))
+        return 0
     import jax
 
     import jaxflow
