@@ -76,6 +76,9 @@ def _names(var: nnx.Variable, ndim: int) -> tuple:
     names = tuple(var.get_metadata().get("logical_axes") or ())
     if not names:
         return (None,) * ndim
+    unknown = [n for n in names if n is not None and n not in LOGICAL_AXES]
+    if unknown:
+        raise ValueError(f"unknown logical axis {unknown[0]!r}: use one of {', '.join(LOGICAL_AXES)}")
     if len(names) == ndim - 1:  # stacked by nnx.vmap over the layers
         names = ("layers",) + names
     if len(names) != ndim:
