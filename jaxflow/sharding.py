@@ -122,8 +122,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: str | dict = "tp") -> n
 
 
 def set_mesh(model, mesh: Mesh | None):
-    """Records the mesh on the model (static: the layer stack constrains its activations to it)."""
-    model.mesh = mesh
+    """Records the mesh on the model's decoder (static: the layer stack constrains its activations to it)."""
     model.language_model.mesh = mesh
     return model
 

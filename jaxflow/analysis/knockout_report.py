@@ -54,13 +54,14 @@ def region_tokens(bundle, batch, enc, image_wh: tuple[int, int], box, *, pad_squ
     falls in a small box, the cells it overlaps. LLaVA: the box is carried into the cropped model
     frame; the other families' grids cover the whole image (tiles stitched back), so it is scaled.
     ValueError when the box misses the image the model sees."""
-    from jaxflow.analysis._common import prepare
     from jaxflow.analysis.faithfulness import box_cells, image_box_cells
     from jaxflow.data.image import box_to_model_frame
+    from jaxflow.models.image_layout import image_layout
 
-    p = prepare(bundle.model, batch.input_ids, enc.pixel_values, batch.attention_mask, **enc.image_kw)
-    lay = p.layout
-    region = np.zeros(np.asarray(batch.input_ids).shape, bool)
+    ids, mask = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
+    lay = image_layout(ids, mask, bundle.config.image_token_id,
+                       bundle.model.image_geometries(ids, mask, enc.pixel_values, **enc.image_kw))
+    region = np.zeros(ids.shape, bool)
     for i in range(lay.positions.shape[0]):
         gh, gw = (int(x) for x in lay.grids[i])
         if bundle.family == "llava":
@@ -113,15 +114,15 @@ def run_knockout_report(checkpoint, image, question, *, out, mesh=None, rules="t
     if window is not None and not 1 <= int(window) <= L:
         raise ValueError(f"--window must be in 1..{L} (the model has {L} decoder layers), got {window}")
     batch, enc = encode(bundle, [image], [question], pad_square=pad_square, with_images=True)
+    groups = token_groups(batch.input_ids, batch.attention_mask, bundle.config.image_token_id)
     region_mask = None
     if region is not None:
         from jaxflow.data.image import load_image
 
         region = tuple(float(v) for v in region)
         region_mask = region_tokens(bundle, batch, enc, load_image(image).size, region, pad_square=pad_square)
-        say(f"region {region}: {int(region_mask.sum())} of {int(token_groups(batch.input_ids, batch.attention_mask, bundle.config.image_token_id)['image'].sum())} image tokens")
-    paths = standard_paths(token_groups(batch.input_ids, batch.attention_mask, bundle.config.image_token_id),
-                           region=region_mask)
+        say(f"region {region}: {int(region_mask.sum())} of {int(groups['image'].sum())} image tokens")
+    paths = standard_paths(groups, region=region_mask)
     say(f"knockout sweep: {len(paths)} paths x every window, one program (compiles on first use)")
     sweep = knockout_sweep(bundle.model, batch.input_ids, enc.pixel_values, batch.attention_mask, paths,
                            window=window, **enc.image_kw)

@@ -209,15 +209,14 @@ def check_config(cfg: EvalConfig) -> None:
 
 
 def _check_mesh(mesh, sharding) -> None:
-    from jaxflow.sharding import RULES, MeshError, parse_mesh
+    from jaxflow.sharding import MeshError, check_rules, parse_mesh
 
-    if sharding not in RULES:
-        raise EvaluationError(f"--sharding must be one of {', '.join(RULES)}, got {sharding!r}")
-    if mesh is not None:
-        try:
+    try:
+        check_rules(sharding)
+        if mesh is not None:
             parse_mesh(mesh)
-        except MeshError as e:
-            raise EvaluationError(str(e)) from None
+    except MeshError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def _check_protocol(protocol) -> None:
